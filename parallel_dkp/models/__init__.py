@@ -1,0 +1,10 @@
+"""Networks as lists of blocks. Models know nothing of ranks or learning rules.
+
+A network is ``nn.ModuleList([b_1, ..., b_L])``: every hidden block maps its input to
+``pool(act(BN(layer(x))))`` and the last block is the output layer producing logits.
+Learning rules and the layer-parallel runtime work on this list from outside.
+"""
+
+from parallel_dkp.models.blocks import BlockSpec, build_blocks, block_output_shapes, seed_for
+
+__all__ = ["BlockSpec", "build_blocks", "block_output_shapes", "seed_for"]

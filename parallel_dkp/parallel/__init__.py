@@ -1,0 +1,1 @@
+"""Layer-parallel runtime: process groups, partition, stages and the pipelined training step."""

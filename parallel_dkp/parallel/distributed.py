@@ -1,0 +1,83 @@
+"""The one place that sets up distribution: environment, backend, device, process groups."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from parallel_dkp.config import ParallelConfig, RunConfig
+
+
+@dataclass
+class DistContext:
+    """Where this process stands. ``world_size == 1`` is the single-process fallback."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    error_group: object | None = None
+    """A process group of its own for the error broadcast, so it never interleaves with P2P."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_last(self) -> bool:
+        """The last rank owns the output block, the loss, the logs and the metrics."""
+        return self.rank == self.world_size - 1
+
+    @property
+    def last_rank(self) -> int:
+        return self.world_size - 1
+
+
+def resolve_device(run: RunConfig, local_rank: int = 0) -> torch.device:
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device = 'cuda' but CUDA is not available here; use run.device=cpu or auto")
+    if run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, accelerate launch, srun torchrun) and join.
+
+    Not launched distributed (no WORLD_SIZE, or 1): the single-process fallback, no group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(run, local_rank)
+    if world_size == 1:
+        return DistContext(device=device)
+
+    backend = parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        if device.type != "cuda":
+            raise ValueError("parallel.backend = 'nccl' needs CUDA; use parallel.backend=gloo on CPU")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK {local_rank} has no GPU (this node has {torch.cuda.device_count()}); "
+                "launch at most one rank per GPU"
+            )
+        torch.cuda.set_device(device)  # before the first NCCL call, one GPU per rank
+    timeout = timedelta(seconds=parallel.timeout_s)
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+    error_group = dist.new_group(backend=backend, timeout=timeout)
+    return DistContext(rank, world_size, local_rank, device, backend, error_group)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,39 @@
+"""Learning rules: bp, bp_fc_only, fa, kp, dfa, dkp, drtp (see DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parallel_dkp.config import RuleConfig
+from parallel_dkp.rules.base import LearningRule
+from parallel_dkp.rules.bp import BP, BPFCOnly
+from parallel_dkp.rules.direct import DFA, DKP, DRTP, DirectRule
+from parallel_dkp.rules.fa import FA, KP
+
+RULES: dict[str, type[LearningRule]] = {r.name: r for r in (BP, BPFCOnly, FA, KP, DFA, DKP, DRTP)}
+
+
+def build_rule(cfg: RuleConfig) -> LearningRule:
+    if cfg.name not in RULES:
+        raise ValueError(f"rule.name = {cfg.name!r} is not one of {', '.join(RULES)}")
+    return RULES[cfg.name](feedback_init=cfg.feedback_init)
+
+
+def output_error(logits_BK: torch.Tensor, targets_B: torch.Tensor, total: int) -> torch.Tensor:
+    """``dℓ/dh`` of the summed cross-entropy over ``total`` examples: ``(softmax(h) - onehot(y)) / total``."""
+    with torch.no_grad():
+        error = torch.softmax(logits_BK.float(), dim=1)
+        error[torch.arange(len(targets_B), device=error.device), targets_B] -= 1
+        return (error / total).to(logits_BK.dtype)
+
+
+def target_signal(targets_B: torch.Tensor, num_classes: int, total: int, dtype=torch.float32) -> torch.Tensor:
+    """DRTP's signal: ``onehot(y) / total``."""
+    return F.one_hot(targets_B, num_classes).to(dtype) / total
+
+
+__all__ = [
+    "RULES", "LearningRule", "DirectRule", "BP", "BPFCOnly", "FA", "KP", "DFA", "DKP", "DRTP",
+    "build_rule", "output_error", "target_signal",
+]

@@ -1,0 +1,101 @@
+"""Layers whose backward sends the error through a feedback matrix instead of the weights.
+
+Used by FA and KP. The forward is the ordinary ``linear``/``conv2d``; the backward computes
+the input gradient with ``B`` (same shape as ``W``) in place of ``W``, and the weight and bias
+gradients exactly as backpropagation does. Each gradient is computed only when autograd asks
+for it (``ctx.needs_input_grad``), so a block whose input is cut computes no input gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeedbackLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with ``dL/dx = dL/dy · B`` (B: ``[out, in]``, the shape of W)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback):
+        ctx.save_for_backward(x, feedback)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ feedback
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+class FeedbackConv2dFunction(torch.autograd.Function):
+    """``conv2d`` whose input gradient is the transposed convolution with ``B`` instead of ``W``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, feedback)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        # The weight gradient does not depend on the weight, so a single call with B in the
+        # weight slot gives the FA input gradient and the true weight/bias gradients.
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, feedback, [feedback.shape[0]] if ctx.has_bias else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups, mask,
+        )
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class FeedbackLinear(nn.Linear):
+    """``nn.Linear`` with a feedback matrix ``feedback`` (shape of ``weight``) for its backward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.feedback = nn.Parameter(torch.empty_like(self.weight), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FeedbackLinearFunction.apply(x, self.weight, self.bias, self.feedback)
+
+
+class FeedbackConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with a feedback kernel ``feedback`` (shape of ``weight``) for its backward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("FeedbackConv2d supports numeric zero padding only")
+        self.feedback = nn.Parameter(torch.empty_like(self.weight), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FeedbackConv2dFunction.apply(
+            x, self.weight, self.bias, self.feedback, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+def with_feedback(layer: nn.Module) -> nn.Module:
+    """A feedback twin of an ``nn.Linear``/``nn.Conv2d`` holding the same weight and bias."""
+    if isinstance(layer, nn.Linear):
+        twin = FeedbackLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    elif isinstance(layer, nn.Conv2d):
+        twin = FeedbackConv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+            padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+        )
+    else:
+        raise TypeError(f"no feedback version of {type(layer).__name__}")
+    twin.weight = layer.weight
+    twin.bias = layer.bias
+    return twin.to(layer.weight.device)

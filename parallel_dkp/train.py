@@ -1,0 +1,208 @@
+"""The training loop. One step is the runtime's job; this file wires the pieces and loops."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from parallel_dkp.config import Config, dump_config
+from parallel_dkp.data import DatasetInfo, build_loaders
+from parallel_dkp.models import block_output_shapes, build_blocks
+from parallel_dkp.optim import Optimizers
+from parallel_dkp.parallel.costs import choose_partition
+from parallel_dkp.parallel.distributed import DistContext, init_distributed, shutdown
+from parallel_dkp.parallel.runtime import Runtime, StepResult
+from parallel_dkp.parallel.stage import Stage
+from parallel_dkp.parallel.timing import PHASES, PhaseTimer
+from parallel_dkp.rules import build_rule
+
+
+@dataclass
+class Job:
+    """Everything one rank holds for a run."""
+
+    cfg: Config
+    ctx: DistContext
+    info: DatasetInfo
+    partition: list[range]
+    stage: Stage
+    runtime: Runtime
+    optimizers: Optimizers
+    train_loader: object
+    test_loader: object
+
+
+def build_job(cfg: Config, ctx: DistContext) -> Job:
+    """Data, the seeded network, this rank's stage, its runtime and optimizers."""
+    torch.manual_seed(cfg.run.seed)
+    train_loader, test_loader, info = build_loaders(cfg.data, seed=cfg.run.seed)
+    blocks = build_blocks(cfg.model, input_shape=info.input_shape, num_classes=info.num_classes, seed=cfg.run.seed)
+    out_shapes = block_output_shapes(blocks, info.input_shape)
+    microbatch = cfg.data.batch_size // cfg.parallel.microbatches
+    partition = choose_partition(
+        cfg.parallel.partition, ctx, blocks=blocks, input_shape=info.input_shape, microbatch=microbatch
+    )
+    own = partition[ctx.rank]
+    stage = Stage(
+        [blocks[i] for i in own], indices=own, num_blocks=len(blocks), rule=build_rule(cfg.rule),
+        out_shapes=out_shapes, num_classes=info.num_classes, seed=cfg.run.seed,
+    ).to(ctx.device)
+    in_shape = info.input_shape if own.start == 0 else out_shapes[own.start - 1]
+    runtime = Runtime(
+        stage, ctx, in_shape=in_shape, num_classes=info.num_classes, microbatches=cfg.parallel.microbatches,
+        batch_size=cfg.data.batch_size, schedule=cfg.parallel.schedule, timer=PhaseTimer(ctx.device),
+    )
+    optimizers = Optimizers(forward=stage.forward_parameters(), feedback=stage.feedback_parameters(), cfg=cfg.optim)
+    return Job(cfg, ctx, info, partition, stage, runtime, optimizers, train_loader, test_loader)
+
+
+def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    """One optimisation step of this rank's stage."""
+    job.stage.zero_grad(set_to_none=True)
+    result = job.runtime.train_step(x, y)
+    with job.runtime.timer.phase("optim"):
+        job.optimizers.step()
+    return result
+
+
+def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[StepResult, float]:
+    """Returns the epoch's sums (last rank) and the wall time of its training steps."""
+    total, seconds = StepResult(), 0.0
+    num_steps = len(job.train_loader)
+    if job.cfg.run.max_steps:
+        num_steps = min(num_steps, job.cfg.run.max_steps)
+    task = progress.add_task(f"epoch {epoch}", total=num_steps, stats="") if progress else None
+    for step, (x, y) in enumerate(job.train_loader):
+        if step >= num_steps:
+            break
+        start = time.perf_counter()
+        job.runtime.timer.start_step()
+        result = train_step(job, x, y)
+        job.runtime.timer.end_step()
+        seconds += time.perf_counter() - start
+        total.loss_sum += result.loss_sum
+        total.correct += result.correct
+        total.count += result.count
+        if job.ctx.is_last and not math.isfinite(result.loss_sum):
+            raise FloatingPointError(
+                f"the training loss became {result.loss_sum} at epoch {epoch}, step {step}; lower "
+                f"optim.forward.lr (now {job.cfg.optim.forward.lr}) or optim.feedback.lr "
+                f"(now {job.cfg.optim.feedback.lr}), or keep model.batch_norm=true"
+            )
+        if progress is not None:
+            progress.update(task, advance=1, stats=f"loss {total.loss_sum / total.count:.4f}  acc {total.correct / total.count:.2%}")
+    job.optimizers.epoch_end()
+    return total, seconds
+
+
+def evaluate(job: Job) -> StepResult:
+    total = StepResult()
+    for x, y in job.test_loader:
+        result = job.runtime.eval_step(x, y)
+        total.loss_sum += result.loss_sum
+        total.correct += result.correct
+        total.count += result.count
+    return total
+
+
+def train(cfg: Config, *, console: Console | None = None) -> list[dict]:
+    """Train with ``cfg`` on this process (and its peers, when launched distributed).
+
+    Returns the per-epoch metrics on the rank that owns the loss, ``[]`` elsewhere.
+    """
+    ctx = init_distributed(cfg.parallel, cfg.run)
+    console = console or Console(stderr=True)
+    try:
+        return _train(cfg, ctx, console)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: Config, ctx: DistContext, console: Console) -> list[dict]:
+    job = build_job(cfg, ctx)
+    out_dir = Path(cfg.run.out_dir)
+    reporter = ctx.is_last
+    if reporter:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.toml")
+        (out_dir / "metrics.jsonl").write_text("")
+        console.print(
+            f"[bold]parallel-dkp[/] rule={cfg.rule.name} model={cfg.model.name} data={cfg.data.name} "
+            f"world_size={ctx.world_size} partition={[len(r) for r in job.partition]} "
+            f"microbatches={cfg.parallel.microbatches} device={ctx.device}"
+        )
+    history = []
+    progress = _progress(console) if reporter and cfg.run.progress else None
+    with progress or contextlib.nullcontext():
+        for epoch in range(1, cfg.run.epochs + 1):
+            train_sums, seconds = train_one_epoch(job, epoch, progress)
+            test_sums = evaluate(job)
+            if reporter:
+                row = _metrics_row(cfg, epoch, train_sums, test_sums, seconds, ctx.world_size)
+                history.append(row)
+                with (out_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                console.print(
+                    f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
+                    f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | {seconds:.1f}s"
+                )
+    _report_phases(job, console, out_dir)
+    return history
+
+
+def _metrics_row(cfg: Config, epoch: int, train: StepResult, test: StepResult, seconds: float, world_size: int) -> dict:
+    return {
+        "epoch": epoch,
+        "rule": cfg.rule.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "train_loss": train.loss_sum / max(train.count, 1),
+        "train_acc": train.correct / max(train.count, 1),
+        "test_loss": test.loss_sum / max(test.count, 1),
+        "test_acc": test.correct / max(test.count, 1),
+        "train_seconds": seconds,
+        "train_examples": train.count,
+        "test_examples": test.count,
+        "world_size": world_size,
+    }
+
+
+def _report_phases(job: Job, console: Console, out_dir: Path) -> None:
+    """Per-rank median seconds per step of each phase, gathered to and shown by the last rank."""
+    summary = job.runtime.timer.summary(skip=1)
+    summary["rank"] = job.ctx.rank
+    summary["blocks"] = [job.partition[job.ctx.rank].start, job.partition[job.ctx.rank].stop]
+    rows = [summary]
+    if job.ctx.distributed:
+        rows = [None] * job.ctx.world_size
+        dist.all_gather_object(rows, summary)
+    if not job.ctx.is_last or not rows[0].get("step"):
+        return
+    table = Table(title="median seconds per step, per rank (first step skipped)")
+    for column in ("rank", "blocks", *PHASES, "step", "idle"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["rank"]), f"{row['blocks'][0]}-{row['blocks'][1] - 1}",
+            *(f"{row[p]:.4f}" for p in PHASES), f"{row['step']:.4f}", f"{row['idle_fraction']:.0%}",
+        )
+    console.print(table)
+    (out_dir / "phases.json").write_text(json.dumps({"machine": platform.node(), "ranks": rows}, indent=2))
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"), console=console, transient=False,
+    )
