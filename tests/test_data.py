@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import pickle
@@ -215,7 +216,7 @@ def test_fashion_mnist_limits_and_resize(tmp_path):
     assert (len(train), len(test)) == (5, 2)
     assert train.y.tolist() == arrays["train-labels-idx1-ubyte"][:5].tolist()
     assert info.input_shape == (1, 16, 16) and train[0][0].shape == (1, 16, 16)
-    train_loader, _, _ = build_loaders(cfg.__class__(**{**cfg.__dict__, "batch_size": 2}), seed=0)
+    train_loader, _, _ = build_loaders(dataclasses.replace(cfg, batch_size=2), seed=0)
     assert next(iter(train_loader))[0].shape == (2, 1, 16, 16)
 
 
@@ -268,7 +269,8 @@ def test_cifar_missing_names_paths_and_remedies(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         build_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
     message = str(err.value)
-    for needle in (str(tmp_path), str(tmp_path / "cifar-10-batches-py"), "data.download=true", "cifar-10-python.tar.gz"):
+    folder = tmp_path / "cifar-10-batches-py"
+    for needle in (str(tmp_path), str(folder), "data.download=true", "cifar-10-python.tar.gz"):
         assert needle in message
 
 
@@ -341,7 +343,7 @@ def test_lazy_loader_is_deterministic_across_workers_and_drops_last(tmp_path):
     make_tiny_imagenet(tmp_path)
     cfg = DataConfig(name="tiny_imagenet", root=str(tmp_path), batch_size=4, image_size=32)
     train0, test0, info = build_loaders(cfg, seed=3)
-    train2, _, _ = build_loaders(DataConfig(**{**cfg.__dict__, "num_workers": 2}), seed=3)
+    train2, _, _ = build_loaders(dataclasses.replace(cfg, num_workers=2), seed=3)
     assert info.input_shape == (3, 32, 32)
     assert len(train0) == 2 and len(test0) == 2
     batches0, batches2 = collect(train0), collect(train2)
@@ -484,7 +486,7 @@ def test_augmentation_is_a_seeded_crop_and_flip_of_the_same_batch():
     than a padded crop (possibly flipped) of each original image."""
     cfg = DataConfig(name="synthetic", synthetic_size=64, synthetic_shape=(2, 8, 8), batch_size=32)
     plain = collect(build_loaders(cfg, seed=5)[0])
-    aug_cfg = DataConfig(**{**cfg.__dict__, "augment": True})
+    aug_cfg = dataclasses.replace(cfg, augment=True)
     augmented = collect(build_loaders(aug_cfg, seed=5)[0])
     again = collect(build_loaders(aug_cfg, seed=5)[0])
     num_changed = 0

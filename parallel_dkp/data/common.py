@@ -97,7 +97,7 @@ class TensorImageDataset(Dataset):
             return x_B
         return resize_images(x_B, self.size)
 
-    def head(self, limit: int) -> "TensorImageDataset":
+    def head(self, limit: int) -> TensorImageDataset:
         """The first ``limit`` examples (all when ``limit`` is 0), copied so the rest is freed."""
         if limit <= 0 or limit >= len(self):
             return self

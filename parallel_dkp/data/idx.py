@@ -126,8 +126,7 @@ def locate(cfg: DataConfig) -> Path:
         f"Fashion-MNIST (the four IDX files {names})",
         candidates,
         [
-            "on Debian/Ubuntu: apt-get install dataset-fashion-mnist (installs them in "
-            f"{DEBIAN_DIR})",
+            f"on Debian/Ubuntu: apt-get install dataset-fashion-mnist (installs them in {DEBIAN_DIR})",
             "put the files in a folder and set data.root=<that folder>",
             f"set data.download=true to download them with torchvision into {download_root}",
         ],

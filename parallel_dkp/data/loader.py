@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from parallel_dkp.data.common import TensorImageDataset

@@ -69,6 +69,18 @@ class Stage(nn.Module):
         for index, output in hidden:
             self.rule.hidden_backward(output, signal_BK, self.feedback[str(index)])
 
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters, buffers and feedback keyed by *global* block index (``blocks.{j}.…``,
+        ``feedback.{j}``): the same keys whatever the partition, so stages can be compared,
+        merged and checkpointed independently."""
+        state = {}
+        for index, block in zip(self.indices, self.blocks):
+            for key, value in block.state_dict().items():
+                state[f"blocks.{index}.{key}"] = value
+        for key, value in self.feedback.items():
+            state[f"feedback.{key}"] = value.detach()
+        return state
+
     def forward_parameters(self) -> list[nn.Parameter]:
         """Forward parameters this rule trains (frozen convs of bp_fc_only excluded)."""
         return list(named_trainable(self.rule, self.blocks))
