@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from parallel_dkp.config import load_config
 
@@ -35,16 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
-        console.print(f"[bold red]config error:[/] {err}")
+        console.print(f"[bold red]config error:[/] {escape(str(err))}")
         return 2
     if args.command == "train":
+        from parallel_dkp.parallel.distributed import PeerFailure
         from parallel_dkp.train import train
 
         try:
             train(cfg, console=console)
         except (ValueError, FileNotFoundError, FloatingPointError) as err:
-            console.print(f"[bold red]error:[/] {err}")
+            console.print(f"[bold red]error:[/] {escape(str(err))}")
             return 2
+        except PeerFailure as err:
+            console.print(f"[bold red]peer failure:[/] {escape(str(err))}")
+            return 3
     return 0
 
 

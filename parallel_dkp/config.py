@@ -249,9 +249,9 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = f"; did you mean {prefix}{hint[0]!r}?" if hint else ""
+            did_you_mean = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
             raise ValueError(
-                f"unknown config key {prefix}{key!r}{did_you_mean} "
+                f"unknown config key '{prefix}{key}'{did_you_mean} "
                 f"(allowed in [{prefix.rstrip('.') or 'top level'}]: {', '.join(sorted(known))})"
             )
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")

@@ -21,7 +21,7 @@ from parallel_dkp.data import DatasetInfo, build_loaders
 from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.optim import Optimizers
 from parallel_dkp.parallel.costs import choose_partition
-from parallel_dkp.parallel.distributed import DistContext, init_distributed, shutdown
+from parallel_dkp.parallel.distributed import DistContext, init_distributed, peer_errors, shutdown
 from parallel_dkp.parallel.runtime import Runtime, StepResult
 from parallel_dkp.parallel.stage import Stage
 from parallel_dkp.parallel.timing import PHASES, PhaseTimer
@@ -69,10 +69,11 @@ def build_job(cfg: Config, ctx: DistContext) -> Job:
 
 def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> StepResult:
     """One optimisation step of this rank's stage."""
-    job.stage.zero_grad(set_to_none=True)
-    result = job.runtime.train_step(x, y)
-    with job.runtime.timer.phase("optim"):
-        job.optimizers.step()
+    with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "a training step"):
+        job.stage.zero_grad(set_to_none=True)
+        result = job.runtime.train_step(x, y)
+        with job.runtime.timer.phase("optim"):
+            job.optimizers.step()
     return result
 
 
@@ -109,7 +110,8 @@ def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[St
 def evaluate(job: Job) -> StepResult:
     total = StepResult()
     for x, y in job.test_loader:
-        result = job.runtime.eval_step(x, y)
+        with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "evaluation"):
+            result = job.runtime.eval_step(x, y)
         total.loss_sum += result.loss_sum
         total.correct += result.correct
         total.count += result.count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -76,6 +77,34 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     error_group = dist.new_group(backend=backend, timeout=timeout)
     return DistContext(rank, world_size, local_rank, device, backend, error_group)
+
+
+class PeerFailure(RuntimeError):
+    """A transfer or collective with another rank failed: it crashed, hung up or timed out."""
+
+
+@contextmanager
+def peer_errors(ctx: DistContext, timeout_s: float, what: str):
+    """Turn a failed P2P transfer or collective into a ``PeerFailure`` that says what to do."""
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except RuntimeError as err:  # torch.distributed.DistError and gloo's errors are RuntimeErrors
+        if not ctx.distributed or not _is_communication_error(err):
+            raise
+        raise PeerFailure(
+            f"rank {ctx.rank}/{ctx.world_size}: lost a peer during {what} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Another rank has probably crashed or hung - its log "
+            f"says why. Each wait is bounded by parallel.timeout_s={timeout_s:g}."
+        ) from err
+
+
+def _is_communication_error(err: RuntimeError) -> bool:
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -1,0 +1,67 @@
+"""Functions run on every rank by the multi-rank tests (importable, so ``spawn`` can pickle them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from parallel_dkp.config import Config, load_config
+from parallel_dkp.parallel.distributed import DistContext, init_distributed
+from parallel_dkp.train import build_job, evaluate, train_step
+
+
+def small_config(rule: str, *, partition=(), microbatches=2, extra=()) -> Config:
+    return load_config(None, [
+        f"rule.name={rule}", "model.name=conv2", "data.name=synthetic", "data.synthetic_shape=[1, 8, 8]",
+        "data.synthetic_size=96", "data.batch_size=16", f"parallel.microbatches={microbatches}",
+        f"parallel.partition={list(partition)}", "parallel.timeout_s=60", "run.progress=false",
+        "optim.feedback.lr=0.01", *extra,
+    ])
+
+
+def run_steps(cfg: Config, ctx: DistContext, steps: int) -> dict:
+    """Train ``steps`` steps and evaluate; return the stage state (global keys) and eval sums."""
+    job = build_job(cfg, ctx)
+    for step, (x, y) in enumerate(job.train_loader):
+        if step == steps:
+            break
+        train_step(job, x, y)
+    result = evaluate(job)
+    return {"state": {k: v.detach().clone() for k, v in job.stage.global_state_dict().items()},
+            "eval": [result.loss_sum, result.correct, result.count], "partition": [list(r) for r in job.partition]}
+
+
+def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], partition, microbatches: int, steps: int):
+    ctx = None
+    for rule in rules:
+        cfg = small_config(rule, partition=partition, microbatches=microbatches)
+        ctx = init_distributed(cfg.parallel, cfg.run)
+        torch.save(run_steps(cfg, ctx, steps), Path(out_dir) / f"{rule}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def die_after_one_step(rank: int, world_size: int, out_dir: str, rule: str):
+    """Rank 0 crashes after one step; the others must fail with a clear error, not hang."""
+    cfg = small_config(rule, extra=["parallel.timeout_s=20", "data.synthetic_size=640"])
+    ctx = init_distributed(cfg.parallel, cfg.run)
+    job = build_job(cfg, ctx)
+    batches = iter(job.train_loader)
+    x, y = next(batches)
+    train_step(job, x, y)
+    if rank == 0:
+        os._exit(3)
+    start = time.perf_counter()
+    try:
+        for x, y in batches:
+            train_step(job, x, y)
+    except Exception as err:  # noqa: BLE001 - the test inspects what was raised
+        record = {"type": type(err).__name__, "message": str(err), "seconds": time.perf_counter() - start}
+    else:
+        record = {"type": None, "message": "no error", "seconds": time.perf_counter() - start}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    os._exit(0)
