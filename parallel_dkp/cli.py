@@ -27,7 +27,36 @@ def _parser() -> argparse.ArgumentParser:
         "--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set rule.name=dfa --set run.epochs=3 (repeatable)",
     )
+    bench = sub.add_parser(
+        "bench",
+        help="time training steps of several rules side by side (one process, or under torchrun)",
+        description="Interleaves one training step of each rule on the same batch and reports medians "
+                    "and ratios to the first rule. Under torchrun: layer-parallel, with per-rank phases.",
+    )
+    bench.add_argument("--config", "-c")
+    bench.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    bench.add_argument("--rules", default="bp,dfa,dkp", help="comma-separated, the first is the baseline (default: bp,dfa,dkp)")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per rule (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per rule first (default 3)")
+    bench.add_argument("--out", help="write the full result (all samples, machine) as JSON here")
     return parser
+
+
+def _bench(args, cfg, console: Console) -> None:
+    from parallel_dkp.bench import bench_rules, print_bench, write_bench
+    from parallel_dkp.parallel.distributed import init_distributed, shutdown
+
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    ctx = init_distributed(cfg.parallel, cfg.run)
+    try:
+        result = bench_rules(cfg, rules, ctx, steps=args.steps, warmup=args.warmup)
+        result["command"] = " ".join(sys.argv)
+        if ctx.is_last:
+            print_bench(result, console)
+            if args.out:
+                write_bench(result, args.out)
+    finally:
+        shutdown(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,18 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[bold red]config error:[/] {escape(str(err))}")
         return 2
-    if args.command == "train":
-        from parallel_dkp.parallel.distributed import PeerFailure
-        from parallel_dkp.train import train
 
-        try:
+    from parallel_dkp.parallel.distributed import PeerFailure
+    from parallel_dkp.train import train
+
+    try:
+        if args.command == "train":
             train(cfg, console=console)
-        except (ValueError, FileNotFoundError, FloatingPointError) as err:
-            console.print(f"[bold red]error:[/] {escape(str(err))}")
-            return 2
-        except PeerFailure as err:
-            console.print(f"[bold red]peer failure:[/] {escape(str(err))}")
-            return 3
+        elif args.command == "bench":
+            _bench(args, cfg, console)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        return 2
+    except PeerFailure as err:
+        console.print(f"[bold red]peer failure:[/] {escape(str(err))}")
+        return 3
     return 0
 
 
