@@ -89,7 +89,7 @@ class DataConfig:
     download: bool = False
     """Allow torchvision to download Fashion-MNIST/CIFAR when they are not on disk."""
     augment: bool = False
-    """Random crop + horizontal flip on training images (off, as in the paper)."""
+    """Random crop (zero padding of 1/8 of the side) + horizontal flip on training images."""
     num_workers: int = 0
     image_size: int = 0
     """Resize images to this size (0 = native size). AlexNet needs 224."""
@@ -207,16 +207,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             except tomllib.TOMLDecodeError as err:
                 raise ValueError(f"{path}: invalid TOML: {err}") from None
     per_rule = raw.pop("per_rule", {})
+    if not isinstance(per_rule, Mapping):
+        raise ValueError("[per_rule] must hold one table per rule, e.g. [per_rule.bp.optim.forward]")
+    for name, section in per_rule.items():
+        if name not in RULE_NAMES:
+            raise ValueError(f"[per_rule.{name}] names no rule; rules are {', '.join(RULE_NAMES)}")
+        if not isinstance(section, Mapping):
+            raise ValueError(f"[per_rule.{name}] must be a table of config sections, got {section!r}")
+        if "name" in section.get("rule", {}):
+            raise ValueError(f"[per_rule.{name}] may not set rule.name; choose the rule with rule.name")
+        # Validate every rule's section now, so a typo surfaces whichever rule is run.
+        from_dict(Config, _deep_merge(raw, section))
     sets = [parse_override(item) for item in overrides]
 
     # The rule can be chosen by --set, so find it before merging its section.
     probe = _deep_copy(raw)
     for keys, value in sets:
         _assign(probe, keys, value)
-    rule_name = probe.get("rule", {}).get("name", RuleConfig.name)
-    unknown_rules = sorted(set(per_rule) - set(RULE_NAMES))
-    if unknown_rules:
-        raise ValueError(f"[per_rule.{unknown_rules[0]}] names no rule; rules are {', '.join(RULE_NAMES)}")
+    rule_section = probe.get("rule", {})
+    rule_name = rule_section.get("name", RuleConfig.name) if isinstance(rule_section, Mapping) else None
 
     merged = _deep_merge(raw, per_rule.get(rule_name, {}))
     for keys, value in sets:
@@ -288,7 +297,8 @@ def _assign(tree: dict, keys: list[str], value: Any) -> None:
 def _deep_merge(base: Mapping, over: Mapping) -> dict:
     out = _deep_copy(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
+        below = out.get(k, {})
+        out[k] = _deep_merge(below, v) if isinstance(v, Mapping) and isinstance(below, Mapping) else v
     return out
 
 

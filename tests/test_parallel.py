@@ -47,6 +47,17 @@ def test_multirank_matches_single_process(tmp_path, world_size, partition, micro
         assert any(k.startswith("feedback.") for k in want["state"]) == (rule in ("dfa", "dkp", "drtp")), rule
 
 
+def test_1f1b_schedule_matches_single_process(tmp_path):
+    """Pinpoints the 1F1B backward pipeline (serial rules) diverging from the single-process run."""
+    serial = ["bp", "kp"]
+    spawn(train_rules, 2, str(tmp_path), serial, (2, 2), 4, STEPS, "1f1b", timeout=300)
+    for rule in serial:
+        want = run_steps(small_config(rule, microbatches=4), DistContext(), STEPS)
+        got_state, _, _ = _merge(tmp_path, rule, 2)
+        for key, value in want["state"].items():
+            torch.testing.assert_close(got_state[key], value, msg=lambda m: f"{rule} / {key}: {m}")
+
+
 @pytest.mark.parametrize("rule", ["dkp", "bp"])
 def test_dead_peer_fails_fast_with_a_clear_error(tmp_path, rule):
     """Pinpoints a rank that hangs (or dies silently) when a peer crashes mid-training."""

@@ -36,10 +36,10 @@ def run_steps(cfg: Config, ctx: DistContext, steps: int) -> dict:
             "eval": [result.loss_sum, result.correct, result.count], "partition": [list(r) for r in job.partition]}
 
 
-def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], partition, microbatches: int, steps: int):
-    ctx = None
+def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], partition, microbatches: int, steps: int,
+                schedule: str = "gpipe"):
     for rule in rules:
-        cfg = small_config(rule, partition=partition, microbatches=microbatches)
+        cfg = small_config(rule, partition=partition, microbatches=microbatches, extra=[f"parallel.schedule={schedule}"])
         ctx = init_distributed(cfg.parallel, cfg.run)
         torch.save(run_steps(cfg, ctx, steps), Path(out_dir) / f"{rule}-rank{rank}.pt")
     dist.destroy_process_group()
