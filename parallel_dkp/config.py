@@ -43,7 +43,7 @@ class RunConfig:
     """Seed of the initial network (per block), the data order and everything random."""
     epochs: int = 1
     out_dir: str = "runs/default"
-    """Receives ``config.toml`` and ``metrics.jsonl``."""
+    """Receives ``config.toml`` and ``metrics.jsonl``; ``{rule}`` is replaced by ``rule.name``."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``."""
     max_steps: int = 0
@@ -230,7 +230,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     merged = _deep_merge(raw, per_rule.get(rule_name, {}))
     for keys, value in sets:
         _assign(merged, keys, value)
-    return from_dict(Config, merged).validate()
+    cfg = from_dict(Config, merged)
+    if "{rule}" in cfg.run.out_dir:  # one file, one folder per rule
+        run = dataclasses.replace(cfg.run, out_dir=cfg.run.out_dir.replace("{rule}", cfg.rule.name))
+        cfg = dataclasses.replace(cfg, run=run)
+    return cfg.validate()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
