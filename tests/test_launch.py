@@ -1,0 +1,354 @@
+"""The launchers (launch/), the Docker images (docker/) and the accelerate configs, run for real
+where this CPU machine allows: every spawned command has a timeout and uses 127.0.0.1 only.
+
+Two real 2-rank training runs (the Docker default command, which is the CPU simulation, and
+accelerate) take ~15-20 s each on 2 cores, almost all of it importing torch in every process;
+two accelerate launches of a shell take ~5 s each; the rest is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from parallel_dkp.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile.cpu", "cuda": REPO / "docker" / "Dockerfile.cuda"}
+SHELL_SCRIPTS = sorted(p.relative_to(REPO).as_posix() for pattern in ("*.sh", "*.sbatch") for p in LAUNCH.glob(pattern))
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
+SMALL = ["--set", "data.name=synthetic", "--set", "data.synthetic_shape=[1, 8, 8]", "--set", "data.synthetic_size=128",
+         "--set", "data.batch_size=16", "--set", "run.progress=false"]
+RUN_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, *, timeout=RUN_TIMEOUT_S, env=None, cwd=REPO) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repository root with the test's interpreter as $PYTHON."""
+    full_env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, check=False, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tail(proc: subprocess.CompletedProcess) -> str:
+    return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` pairs, continuation lines joined, comments dropped."""
+    instructions, pending = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        text = pending + stripped
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, f"{path}: the last instruction ends with a line continuation"
+    return instructions
+
+
+def copy_pairs(path: Path) -> list[tuple[list[str], str, str]]:
+    """``(sources, destination, workdir)`` of every COPY from the build context."""
+    pairs, workdir = [], "/"
+    for keyword, args in dockerfile_instructions(path):
+        if keyword == "WORKDIR":
+            workdir = args
+        if keyword != "COPY":
+            continue
+        words = json.loads(args) if args.startswith("[") else shlex.split(args)
+        flags = [w for w in words if w.startswith("--")]
+        if any(f.startswith("--from") for f in flags):
+            continue  # from another stage, not from the repository
+        paths = [w for w in words if not w.startswith("--")]
+        pairs.append((paths[:-1], paths[-1], workdir))
+    return pairs
+
+
+def default_cmd(path: Path) -> list[str]:
+    cmds = [args for keyword, args in dockerfile_instructions(path) if keyword == "CMD"]
+    assert len(cmds) == 1, f"{path}: expected one CMD, found {len(cmds)}"
+    assert cmds[0].startswith("["), f"{path}: CMD should be in exec (JSON) form, got {cmds[0]!r}"
+    return json.loads(cmds[0])
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
+    """``(is_exception, regex)`` per .dockerignore line, with Docker's ``*``/``**``/``?`` meaning."""
+    patterns = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip().strip("/")
+        regex, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        patterns.append((negated, re.compile(regex)))
+    return patterns
+
+
+def dockerignored(rel_path: str, patterns) -> bool:
+    """True when Docker leaves ``rel_path`` out of the build context (it or a parent matches)."""
+    parts = rel_path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for negated, regex in patterns:
+        if any(regex.fullmatch(p) for p in prefixes):
+            excluded = not negated
+    return excluded
+
+
+@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+def test_dockerfile_copies_existing_paths_that_dockerignore_keeps(flavour):
+    """Pinpoints a Dockerfile COPY of a path that is missing, or that .dockerignore drops from the
+    build context (the build would fail with "not found"), or a COPY that does not mirror the
+    repository layout under WORKDIR (the documented commands would not find their files)."""
+    path, patterns = DOCKERFILES[flavour], dockerignore_patterns()
+    pairs = copy_pairs(path)
+    assert pairs, f"{path} copies nothing"
+    copied = set()
+    for sources, dest, workdir in pairs:
+        assert workdir == "/app", f"{path}: COPY into WORKDIR {workdir!r}, expected /app"
+        assert len(sources) == 1 and dest.rstrip("/") == sources[0].rstrip("/"), (
+            f"{path}: COPY {sources} {dest} does not keep the repository path")
+        src = sources[0].rstrip("/")
+        assert (REPO / src).exists(), f"{path}: COPY source {src!r} does not exist in the repository"
+        files = [REPO / src] if (REPO / src).is_file() else [
+            f for f in (REPO / src).rglob("*")
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"]
+        assert files, f"{path}: COPY source {src!r} is an empty directory"
+        for f in files:
+            rel = f.relative_to(REPO).as_posix()
+            assert not dockerignored(rel, patterns), f".dockerignore excludes {rel}, which {path.name} copies"
+        copied.add(src)
+    assert {"pyproject.toml", "parallel_dkp", "launch"} <= copied
+
+
+def test_dockerfiles_default_to_the_same_small_cpu_simulation():
+    """Pinpoints a default CMD that is not the CPU simulation, differs between the two images, or
+    passes a --set the config rejects (unknown key or bad value)."""
+    cmds = {flavour: default_cmd(path) for flavour, path in DOCKERFILES.items()}
+    assert cmds["cpu"] == cmds["cuda"]
+    cmd = cmds["cpu"]
+    assert cmd[:2] == ["bash", "launch/cpu_sim.sh"], cmd
+    overrides = [cmd[i + 1] for i, word in enumerate(cmd) if word == "--set"]
+    cfg = load_config(None, overrides)
+    assert cfg.data.name == "synthetic" and 0 < cfg.run.max_steps <= 3
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The Docker default command, run here in the repository root (same layout as /app in the
+    images), for 2 epochs. It is `bash launch/cpu_sim.sh` with small settings, so this one 2-rank
+    run serves both the Docker test and the CPU-simulation test (each costs ~15 s on 2 cores)."""
+    cmd = default_cmd(DOCKERFILES["cpu"])
+    tmp = tmp_path_factory.mktemp("smoke")
+    out = tmp / "out"
+    proc = run([*cmd, "--set", "run.epochs=2", "--set", f"run.out_dir={out}"],
+               env={"RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"})
+    return proc, tmp, out
+
+
+@pytest.mark.multirank
+def test_docker_default_cmd_runs_here(smoke_run):
+    """Pinpoints a Docker default command that fails: what `docker run parallel-dkp:cpu` (or :cuda)
+    runs in /app, run here in the repository root, which has the same layout."""
+    proc, _, out = smoke_run
+    assert proc.returncode == 0, tail(proc)
+    assert (out / "metrics.jsonl").is_file() and (out / "config.toml").is_file()
+
+
+@pytest.mark.multirank
+def test_cpu_sim_runs_two_ranks_and_writes_metrics_once(smoke_run):
+    """Pinpoints launch/cpu_sim.sh failing to run a 2-rank gloo job for 2 steps here, or more than
+    one rank reporting: metrics.jsonl must hold exactly one line per epoch, written by one rank.
+    (The run is the Docker default command, which is cpu_sim.sh; see the smoke_run fixture.)"""
+    proc, tmp, out = smoke_run
+    assert proc.returncode == 0, tail(proc)
+    assert "world_size=2" in proc.stderr and "device=cpu" in proc.stderr, tail(proc)
+    rows = metrics_rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2], rows
+    batch_size = load_config(None, [w for w in default_cmd(DOCKERFILES["cpu"]) if "=" in w]).data.batch_size
+    assert all(r["world_size"] == 2 and r["train_examples"] == 2 * batch_size for r in rows), rows
+    assert proc.stderr.count("epoch 1: train loss") == 1, tail(proc)
+    assert [p.relative_to(tmp) for p in tmp.rglob("metrics.jsonl")] == [Path("out/metrics.jsonl")]
+
+
+def test_torch_requirements_helper_reads_pyproject_and_pins_installed():
+    """Pinpoints docker/torch_requirements.py no longer finding torch/torchvision in pyproject.toml
+    (the CPU image would install no CPU wheel) or not pinning the installed copies (the CUDA image
+    could get its torch swapped)."""
+    declared = run([sys.executable, "docker/torch_requirements.py"], timeout=60)
+    assert declared.returncode == 0, tail(declared)
+    names = [re.match(r"[A-Za-z0-9_.-]+", line).group(0) for line in declared.stdout.splitlines()]
+    assert names == ["torch", "torchvision"], declared.stdout
+    assert all(re.search(r"[<>=]", line) for line in declared.stdout.splitlines())
+
+    pinned = run([sys.executable, "docker/torch_requirements.py", "--installed"], timeout=60)
+    assert pinned.returncode == 0, tail(pinned)
+    assert f"torch=={metadata.version('torch')}" in pinned.stdout.split(), pinned.stdout
+
+
+# --------------------------------------------------------------------------- shell launchers
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_script_is_valid_bash(script):
+    """Pinpoints a syntax error in a launcher (bash -n parses without running)."""
+    assert {"launch/cpu_sim.sh", "launch/torchrun.sh", "launch/slurm.sbatch"} <= set(SHELL_SCRIPTS)
+    proc = run(["bash", "-n", script], timeout=30)
+    assert proc.returncode == 0, tail(proc)
+
+
+@pytest.mark.parametrize("script", ["launch/cpu_sim.sh", "launch/torchrun.sh"])
+def test_launcher_prints_usage_on_h(script):
+    """Pinpoints a launcher that starts a job on -h instead of explaining itself."""
+    proc = run(["bash", script, "-h"], timeout=30, env={"PYTHON": "/nonexistent/python"})
+    assert proc.returncode == 0, tail(proc)
+    assert proc.stdout.startswith(f"Usage: {script}"), proc.stdout
+    assert "NPROC" in proc.stdout
+
+
+def _stub(path: Path, body: str) -> Path:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_torchrun_sh_uses_one_rank_per_visible_gpu(tmp_path):
+    """Pinpoints launch/torchrun.sh miscounting ranks (default: GPUs torch sees; NPROC overrides),
+    dropping the train arguments, or starting a job on a machine without GPUs."""
+    # A stand-in for $PYTHON: answers the GPU count probe, echoes the torchrun command otherwise.
+    fake = _stub(tmp_path / "python", 'if [[ "$1" == "-c" ]]; then echo "$FAKE_GPUS"; else echo "$@"; fi\n')
+    args = ["--set", "rule.name=dkp"]
+
+    four = run(["bash", "launch/torchrun.sh", *args], timeout=30, env={"PYTHON": str(fake), "FAKE_GPUS": "4"})
+    assert four.returncode == 0, tail(four)
+    assert four.stdout.split() == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                                   "-m", "parallel_dkp", "train", *args], four.stdout
+
+    pinned = run(["bash", "launch/torchrun.sh"], timeout=30,
+                 env={"PYTHON": str(fake), "FAKE_GPUS": "4", "NPROC": "3", "RDZV_ENDPOINT": "127.0.0.1:29999"})
+    assert "--nproc-per-node 3" in pinned.stdout and "--rdzv-endpoint 127.0.0.1:29999" in pinned.stdout, tail(pinned)
+
+    none = run(["bash", "launch/torchrun.sh"], timeout=30, env={"PYTHON": str(fake), "FAKE_GPUS": "0"})
+    assert none.returncode == 2 and "no GPU" in none.stderr and "cpu_sim.sh" in none.stderr, tail(none)
+    assert "torch.distributed.run" not in none.stdout
+
+
+def test_slurm_script_runs_one_c10d_torchrun_per_node(tmp_path):
+    """Pinpoints launch/slurm.sbatch losing its `srun torchrun ... --rdzv-backend c10d` line, the
+    head node (first of `scontrol show hostnames`), the node/GPU counts or the train arguments."""
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert re.search(r"^srun torchrun --nnodes \"\$SLURM_NNODES\" --nproc-per-node \"\$GPUS_PER_NODE\" \\\n"
+                     r"\s+--rdzv-backend c10d --rdzv-endpoint \"\$HEAD_NODE:\$RDZV_PORT\" --rdzv-id \"\$SLURM_JOB_ID\"",
+                     text, re.MULTILINE), "the srun torchrun c10d line changed"
+    sbatch_lines = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert any("--nodes=" in line for line in sbatch_lines) and any("--ntasks-per-node=1" in line for line in sbatch_lines)
+
+    # Run the script with stand-ins for the Slurm commands: it must build the right command line.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\n"\n')
+    _stub(bin_dir / "srun", 'echo "srun $*"\n')
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "4242"}
+    proc = run(["bash", "launch/slurm.sbatch", "--set", "rule.name=dkp"], timeout=30, env=env)
+    assert proc.returncode == 0, tail(proc)
+    assert proc.stdout.split() == [
+        "srun", "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "gpu-node-07:29500", "--rdzv-id", "4242", "-m", "parallel_dkp", "train",
+        "--set", "rule.name=dkp"], proc.stdout
+
+
+# --------------------------------------------------------------------------- accelerate
+
+
+@pytest.mark.multirank
+def test_accelerate_cpu_config_runs_two_ranks(tmp_path):
+    """Pinpoints `accelerate launch --config_file launch/accelerate_cpu.yaml` not starting two real
+    ranks on the CPU here (world_size must be 2 in metrics.jsonl, not a silent single process)."""
+    out = tmp_path / "acc"
+    proc = run([*ACCELERATE, "--config_file", "launch/accelerate_cpu.yaml", "--main_process_port", str(free_port()),
+                "-m", "parallel_dkp", "train", *SMALL, "--set", "run.max_steps=2", "--set", f"run.out_dir={out}"])
+    assert proc.returncode == 0, tail(proc)
+    rows = metrics_rows(out)
+    assert len(rows) == 1 and rows[0]["world_size"] == 2 and rows[0]["train_examples"] == 2 * 16, rows
+    assert proc.stderr.count("epoch 1: train loss") == 1, tail(proc)
+
+
+ENV_PROBE = "echo probe RANK=${RANK-unset} WORLD_SIZE=${WORLD_SIZE-unset} LOCAL_RANK=${LOCAL_RANK-unset} " \
+            "MASTER_ADDR=${MASTER_ADDR-unset}"
+
+
+def accelerate_probe(config: Path) -> list[dict[str, str]]:
+    """Launch a shell (no python) through accelerate: one dict of the variables that parallel_dkp
+    reads per process that accelerate started."""
+    proc = run([*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port()),
+                "--no_python", "sh", "-c", ENV_PROBE], timeout=120)
+    assert proc.returncode == 0, tail(proc)
+    lines = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("probe ")]
+    return [dict(word.split("=", 1) for word in words) for words in lines]
+
+
+@pytest.mark.multirank
+def test_accelerate_multigpu_config_gives_each_rank_its_environment():
+    """Pinpoints launch/accelerate_multigpu.yaml not being accepted by the installed accelerate, or
+    not starting num_processes ranks each with RANK/WORLD_SIZE/LOCAL_RANK (checked with a shell in
+    place of the training, so no GPU is needed)."""
+    probes = accelerate_probe(LAUNCH / "accelerate_multigpu.yaml")
+    assert sorted(int(p["RANK"]) for p in probes) == list(range(8)), probes
+    assert {p["WORLD_SIZE"] for p in probes} == {"8"} and {p["MASTER_ADDR"] for p in probes} == {"127.0.0.1"}
+    assert sorted(int(p["LOCAL_RANK"]) for p in probes) == list(range(8))
+
+
+@pytest.mark.multirank
+def test_accelerate_multi_cpu_type_starts_a_single_process(tmp_path):
+    """Pins the reason launch/accelerate_cpu.yaml says MULTI_GPU: with distributed_type MULTI_CPU
+    and no MPI hostfile, accelerate (1.15.0) starts ONE process with no RANK/WORLD_SIZE, so a run
+    would silently be single-process. If this fails, accelerate changed: revisit
+    docs/launching.md and the CPU config."""
+    config = tmp_path / "multi_cpu.yaml"
+    text = (LAUNCH / "accelerate_cpu.yaml").read_text()
+    config.write_text(text.replace("distributed_type: MULTI_GPU", "distributed_type: MULTI_CPU")
+                      .replace("use_cpu: false", "use_cpu: true"))
+    probes = accelerate_probe(config)
+    assert probes == [{"RANK": "unset", "WORLD_SIZE": "unset", "LOCAL_RANK": "unset", "MASTER_ADDR": "127.0.0.1"}]
