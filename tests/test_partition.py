@@ -48,3 +48,14 @@ def test_balanced_partition_is_optimal_and_contiguous(costs, world_size):
     assert [i for r in stages for i in r] == list(range(len(costs)))
     assert all(len(r) >= 1 for r in stages)
     assert max(sum(costs[i] for i in r) for r in stages) == pytest.approx(_brute_force(costs, world_size))
+
+
+def test_mpi_launch_without_torchrun_variables_is_rejected(monkeypatch):
+    """Pinpoints an MPI launch that silently trains N independent single-process copies."""
+    from parallel_dkp.config import ParallelConfig, RunConfig
+    from parallel_dkp.parallel.distributed import init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        init_distributed(ParallelConfig(), RunConfig())

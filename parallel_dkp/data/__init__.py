@@ -19,13 +19,27 @@ from torch.utils.data import Dataset
 from parallel_dkp.config import DataConfig
 from parallel_dkp.data.cifar import load_cifar
 from parallel_dkp.data.common import ChecksumWarning, DatasetInfo, TensorImageDataset
-from parallel_dkp.data.folder import load_image_folder
 from parallel_dkp.data.idx import load_fashion_mnist
 from parallel_dkp.data.loader import BatchLoader
 from parallel_dkp.data.synthetic import load_synthetic
-from parallel_dkp.data.tiny_imagenet import load_tiny_imagenet
 
 __all__ = ["BatchLoader", "ChecksumWarning", "DatasetInfo", "TensorImageDataset", "build_datasets", "build_loaders"]
+
+
+
+# torchvision (image decoding and transforms) takes seconds to import; every rank of every
+# launch would pay that, so the lazily-read datasets import it only when chosen.
+def load_tiny_imagenet(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
+    from parallel_dkp.data.tiny_imagenet import load_tiny_imagenet as load
+
+    return load(cfg)
+
+
+def load_image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
+    from parallel_dkp.data.folder import load_image_folder as load
+
+    return load(cfg)
+
 
 _LOADERS: dict[str, Callable[[DataConfig], tuple[Dataset, Dataset, DatasetInfo]]] = {
     "fashion_mnist": load_fashion_mnist,

@@ -52,6 +52,13 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
 
     Not launched distributed (no WORLD_SIZE, or 1): the single-process fallback, no group.
     """
+    mpi_size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
+    if "WORLD_SIZE" not in os.environ and mpi_size and int(mpi_size) > 1:
+        # Otherwise every MPI process would quietly train its own single-process copy.
+        raise ValueError(
+            f"launched by MPI with {mpi_size} processes, but WORLD_SIZE/RANK are not set; launch with "
+            "torchrun (or srun torchrun, or accelerate launch with launch/accelerate_cpu.yaml)"
+        )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
