@@ -24,7 +24,7 @@ from parallel_dkp.parallel.costs import choose_partition
 from parallel_dkp.parallel.distributed import DistContext, init_distributed, peer_errors, shutdown
 from parallel_dkp.parallel.runtime import Runtime, StepResult
 from parallel_dkp.parallel.stage import Stage
-from parallel_dkp.parallel.timing import PHASES, PhaseTimer
+from parallel_dkp.parallel.timing import PHASE_LABELS, PHASES, PhaseTimer
 from parallel_dkp.rules import build_rule
 
 
@@ -191,13 +191,13 @@ def _report_phases(job: Job, console: Console, out_dir: Path) -> None:
         dist.all_gather_object(rows, summary)
     if not job.ctx.is_last or not rows[0].get("step"):
         return
-    table = Table(title="median seconds per step, per rank (first step skipped)")
-    for column in ("rank", "blocks", *PHASES, "step", "idle"):
+    table = Table(title="median ms per step, per rank (first step skipped)")
+    for column in ("rank", "blocks", *PHASE_LABELS, "step", "idle"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             str(row["rank"]), f"{row['blocks'][0]}-{row['blocks'][1] - 1}",
-            *(f"{row[p]:.4f}" for p in PHASES), f"{row['step']:.4f}", f"{row['idle_fraction']:.0%}",
+            *(f"{row[p] * 1e3:.1f}" for p in PHASES), f"{row['step'] * 1e3:.1f}", f"{row['idle_fraction']:.0%}",
         )
     console.print(table)
     (out_dir / "phases.json").write_text(json.dumps({"machine": platform.node(), "ranks": rows}, indent=2))

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 
 PHASES = ("forward", "update", "pipeline", "wait", "send", "optim")
+PHASE_LABELS = ("fwd", "upd", "pipe", "wait", "send", "opt")  # short column titles
 """``update``: output backward and local updates (direct rules) or the serial backward;
 ``pipeline``: a whole step inside torch.distributed.pipelining (its phases are not split);
 ``wait``: blocked on a receive or on the error broadcast; ``send``: completing sends."""
