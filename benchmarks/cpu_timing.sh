@@ -22,3 +22,12 @@ for schedule in gpipe 1f1b; do
     -m parallel_dkp bench "${common[@]}" --set parallel.microbatches=4 --set parallel.schedule=$schedule \
     --rules bp,dkp,dfa,drtp --steps 20 --warmup 3 --out "$out/2ranks_conv2_b128_m4_$schedule.json"
 done
+
+# 4. a model whose blocks cost about the same (conv2's second conv block is most of its work,
+#    which caps what 2 ranks can gain): mlp 784-1024-1024-1024-10, partition [2, 2].
+mlp=(--set model.name=mlp --set "model.widths=[1024, 1024, 1024]" --set parallel.microbatches=4)
+OMP_NUM_THREADS=1 parallel-dkp bench "${common[@]}" "${mlp[@]}" --rules bp,dkp,dfa,drtp --steps 20 --warmup 3 \
+  --out "$out/single_mlp1024_b128_m4_1thread.json"
+OMP_NUM_THREADS=1 torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint "127.0.0.1:$port" \
+  -m parallel_dkp bench "${common[@]}" "${mlp[@]}" --set "parallel.partition=[2, 2]" --rules bp,dkp,dfa,drtp \
+  --steps 20 --warmup 3 --out "$out/2ranks_mlp1024_b128_m4_gpipe.json"

@@ -28,8 +28,14 @@ from parallel_dkp.train import build_job, train_step
 
 def bench_rules(cfg: Config, rules: list[str], ctx: DistContext, *, steps: int = 20, warmup: int = 3) -> dict:
     """Median seconds per training step of each rule with ``cfg``'s model, batch and partition."""
-    jobs = {rule: build_job(dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, name=rule)), ctx)
-            for rule in rules}
+    def with_rule(c: Config, rule: str) -> Config:
+        return dataclasses.replace(c, rule=dataclasses.replace(c.rule, name=rule))
+
+    # A balanced partition is measured, and measurements vary: decide it once, for every rule.
+    first = build_job(with_rule(cfg, rules[0]), ctx)
+    counts = tuple(len(r) for r in first.partition)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, partition=counts))
+    jobs = {rules[0]: first, **{rule: build_job(with_rule(cfg, rule), ctx) for rule in rules[1:]}}
     x, y = next(iter(next(iter(jobs.values())).train_loader))
     samples: dict[str, list[float]] = {rule: [] for rule in rules}
     for step in range(warmup + steps):
