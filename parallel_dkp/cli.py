@@ -44,19 +44,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bench(args, cfg, console: Console) -> None:
     from parallel_dkp.bench import bench_rules, print_bench, write_bench
-    from parallel_dkp.parallel.distributed import init_distributed, shutdown
+    from parallel_dkp.parallel.distributed import distributed
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    ctx = init_distributed(cfg.parallel, cfg.run)
-    try:
+    with distributed(cfg.parallel, cfg.run) as ctx:
         result = bench_rules(cfg, rules, ctx, steps=args.steps, warmup=args.warmup)
         result["command"] = " ".join(sys.argv)
         if ctx.is_last:
             print_bench(result, console)
             if args.out:
                 write_bench(result, args.out)
-    finally:
-        shutdown(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:

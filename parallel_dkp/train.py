@@ -21,7 +21,7 @@ from parallel_dkp.data import DatasetInfo, build_loaders
 from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.optim import Optimizers
 from parallel_dkp.parallel.costs import choose_partition
-from parallel_dkp.parallel.distributed import DistContext, init_distributed, peer_errors, shutdown
+from parallel_dkp.parallel.distributed import DistContext, distributed, peer_errors
 from parallel_dkp.parallel.runtime import Runtime, StepResult
 from parallel_dkp.parallel.stage import Stage
 from parallel_dkp.parallel.timing import PHASE_LABELS, PHASES, PhaseTimer
@@ -60,8 +60,9 @@ def build_job(cfg: Config, ctx: DistContext) -> Job:
     ).to(ctx.device)
     in_shape = info.input_shape if own.start == 0 else out_shapes[own.start - 1]
     runtime = Runtime(
-        stage, ctx, in_shape=in_shape, num_classes=info.num_classes, microbatches=cfg.parallel.microbatches,
-        batch_size=cfg.data.batch_size, schedule=cfg.parallel.schedule, timer=PhaseTimer(ctx.device),
+        stage, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
+        microbatches=cfg.parallel.microbatches, batch_size=cfg.data.batch_size, schedule=cfg.parallel.schedule,
+        timer=PhaseTimer(ctx.device),
     )
     optimizers = Optimizers(forward=stage.forward_parameters(), feedback=stage.feedback_parameters(), cfg=cfg.optim)
     return Job(cfg, ctx, info, partition, stage, runtime, optimizers, train_loader, test_loader)
@@ -92,9 +93,7 @@ def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[St
         result = train_step(job, x, y)
         job.runtime.timer.end_step()
         seconds += time.perf_counter() - start
-        total.loss_sum += result.loss_sum
-        total.correct += result.correct
-        total.count += result.count
+        total += result
         if job.ctx.is_last and not math.isfinite(result.loss_sum):
             raise FloatingPointError(
                 f"the training loss became {result.loss_sum} at epoch {epoch}, step {step}; lower "
@@ -111,10 +110,7 @@ def evaluate(job: Job) -> StepResult:
     total = StepResult()
     for x, y in job.test_loader:
         with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "evaluation"):
-            result = job.runtime.eval_step(x, y)
-        total.loss_sum += result.loss_sum
-        total.correct += result.correct
-        total.count += result.count
+            total += job.runtime.eval_step(x, y)
     return total
 
 
@@ -123,12 +119,9 @@ def train(cfg: Config, *, console: Console | None = None) -> list[dict]:
 
     Returns the per-epoch metrics on the rank that owns the loss, ``[]`` elsewhere.
     """
-    ctx = init_distributed(cfg.parallel, cfg.run)
     console = console or Console(stderr=True)
-    try:
+    with distributed(cfg.parallel, cfg.run) as ctx:
         return _train(cfg, ctx, console)
-    finally:
-        shutdown(ctx)
 
 
 def _train(cfg: Config, ctx: DistContext, console: Console) -> list[dict]:

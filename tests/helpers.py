@@ -35,8 +35,8 @@ def make_stage(rule_name: str, model: ModelConfig, input_shape, num_classes=3, s
 
 def one_backward(stage: Stage, x, y, *, microbatches=1, num_classes=3):
     """Accumulate one step's gradients in ``stage`` with the single-process runtime."""
-    runtime = Runtime(stage, DistContext(), in_shape=tuple(x.shape[1:]), num_classes=num_classes,
-                      microbatches=microbatches, batch_size=len(y))
+    runtime = Runtime(stage, DistContext(), in_shape=tuple(x.shape[1:]), out_shape=(num_classes,),
+                      num_classes=num_classes, microbatches=microbatches, batch_size=len(y))
     stage.zero_grad(set_to_none=True)
     return runtime, runtime.train_step(x, y)
 

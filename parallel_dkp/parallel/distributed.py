@@ -114,6 +114,22 @@ def _is_communication_error(err: RuntimeError) -> bool:
     return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
-def shutdown(ctx: DistContext) -> None:
+@contextmanager
+def distributed(parallel: ParallelConfig, run: RunConfig):
+    """``init_distributed``, then leave the group cleanly: after a normal exit all ranks meet at
+    a barrier first (without it, torch 2.4's gloo teardown could hang a rank whose peer had
+    already gone); after an error the group is torn down at once, since peers may be dead."""
+    ctx = init_distributed(parallel, run)
+    try:
+        yield ctx
+    except BaseException:
+        _destroy(ctx)
+        raise
+    if ctx.distributed and dist.is_initialized():
+        dist.barrier()
+    _destroy(ctx)
+
+
+def _destroy(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

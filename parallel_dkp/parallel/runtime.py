@@ -32,6 +32,11 @@ from parallel_dkp.parallel.timing import PhaseTimer
 from parallel_dkp.rules import output_error, target_signal
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 @dataclass
 class StepResult:
     """Sums over the examples of one step (meaningful on the last rank only)."""
@@ -46,9 +51,15 @@ class StepResult:
             self.correct += (logits.argmax(1) == targets).sum().item()
             self.count += len(targets)
 
+    def __iadd__(self, other: "StepResult") -> "StepResult":
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.count += other.count
+        return self
+
 
 class Runtime:
-    """Runs steps for one ``Stage`` given the input shape it receives and the shape it sends."""
+    """Runs steps for one ``Stage`` given the per-example shapes it receives and sends."""
 
     def __init__(
         self,
@@ -56,6 +67,7 @@ class Runtime:
         ctx: DistContext,
         *,
         in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
         num_classes: int,
         microbatches: int,
         batch_size: int,
@@ -64,11 +76,18 @@ class Runtime:
     ) -> None:
         self.stage, self.ctx, self.rule = stage, ctx, stage.rule
         self.in_shape = in_shape
+        self.out_shape = out_shape
         self.num_classes = num_classes
         self.microbatches = microbatches
         self.batch_size = batch_size
         self.timer = timer or PhaseTimer(ctx.device)
         self._schedule_name = schedule
+        if schedule == "1f1b" and ctx.backend == "gloo" and _torch_version() < (2, 5) and not self.rule.backward_unlocked:
+            # Its 1F1B fuses sends with receives in one batch; on gloo that deadlocks (seen with 2.4.1).
+            raise ValueError(
+                f"parallel.schedule = '1f1b' deadlocks on gloo with torch {torch.__version__}; "
+                "use parallel.schedule=gpipe, or torch >= 2.5 (1F1B on gloo verified with torch 2.14)"
+            )
         self._pipeline = None  # built on the first serial multi-rank step
 
     # ------------------------------------------------------------------ training
@@ -172,10 +191,14 @@ class Runtime:
         def loss_fn(logits, targets):  # the sum over all N examples, divided by N once
             return F.cross_entropy(logits, targets, reduction="sum") / total
 
-        example = torch.zeros(microbatch, *self.in_shape, device=self.ctx.device)
-        pipe_stage = PipelineStage(
-            self.stage, self.ctx.rank, self.ctx.world_size, self.ctx.device, input_args=(example,)
-        )
+        example_in = torch.zeros(microbatch, *self.in_shape, device=self.ctx.device)
+        shapes = {"input_args": (example_in,)}
+        if _torch_version() < (2, 5):
+            # torch 2.4 infers the output shape by running a forward on the example, which would
+            # move the BN running statistics; newer versions infer it from the first micro-batch
+            # (and treat a given output_args as a fully static stage, which breaks the loss stage).
+            shapes["output_args"] = (torch.zeros(microbatch, *self.out_shape, device=self.ctx.device),)
+        pipe_stage = PipelineStage(self.stage, self.ctx.rank, self.ctx.world_size, self.ctx.device, **shapes)
         cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self._schedule_name]
         kwargs = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
         self._pipeline = cls(pipe_stage, self.microbatches, loss_fn=loss_fn, **kwargs)
