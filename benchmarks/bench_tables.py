@@ -30,7 +30,8 @@ def table(path: str) -> str:
             else:
                 cells.append(f"{p['forward']*1e3:.1f} / {p['update']*1e3:.1f} / {p['wait']*1e3:.1f} / "
                              f"{p['send']*1e3:.1f}, {p['idle_fraction']:.0%}")
-        lines.append(f"| {rule} | {row['median_s']*1e3:.1f} | {row['ratio_to_' + rules[0]]:.3f} | " + " | ".join(cells) + " |")
+        ratio = row["ratio_to_" + rules[0]]
+        lines.append(f"| {rule} | {row['median_s']*1e3:.1f} | {ratio:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -88,7 +88,8 @@ def print_bench(result: dict, console: Console) -> None:
     m = result["machine"]
     table = Table(title=(
         f"{result['model']} on {result['data']}, batch {result['batch_size']}, M={result['microbatches']}, "
-        f"{result['world_size']} rank(s) {result['partition']}, {m['device_name']}, {m['threads_per_rank']} thread(s)/rank; "
+        f"{result['world_size']} rank(s) {result['partition']}, {m['device_name']}, "
+        f"{m['threads_per_rank']} thread(s)/rank; "
         f"median of {result['steps']} steps after {result['warmup']} warm-up"))
     table.add_column("rule")
     table.add_column("step (ms)", justify="right")

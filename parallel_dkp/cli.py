@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--config", "-c")
     bench.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    bench.add_argument("--rules", default="bp,dfa,dkp", help="comma-separated, the first is the baseline (default: bp,dfa,dkp)")
+    bench.add_argument("--rules", default="bp,dfa,dkp",
+                       help="comma-separated, the first is the baseline (default: bp,dfa,dkp)")
     bench.add_argument("--steps", type=int, default=20, help="timed steps per rule (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per rule first (default 3)")
     bench.add_argument("--out", help="write the full result (all samples, machine) as JSON here")

@@ -36,7 +36,9 @@ class Optimizers:
         self.feedback = build_optimizer(feedback, cfg.feedback)
         self.schedulers = {
             side: torch.optim.lr_scheduler.StepLR(opt, step_size=side_cfg.step_size, gamma=side_cfg.gamma)
-            for side, opt, side_cfg in (("forward", self.forward, cfg.forward), ("feedback", self.feedback, cfg.feedback))
+            for side, opt, side_cfg in (
+                ("forward", self.forward, cfg.forward), ("feedback", self.feedback, cfg.feedback)
+            )
             if opt is not None and side_cfg.scheduler == "step"
         }
 

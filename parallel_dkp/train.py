@@ -101,7 +101,8 @@ def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[St
                 f"(now {job.cfg.optim.feedback.lr}), or keep model.batch_norm=true"
             )
         if progress is not None:
-            progress.update(task, advance=1, stats=f"loss {total.loss_sum / total.count:.4f}  acc {total.correct / total.count:.2%}")
+            stats = f"loss {total.loss_sum / total.count:.4f}  acc {total.correct / total.count:.2%}"
+            progress.update(task, advance=1, stats=stats)
     job.optimizers.epoch_end()
     return total, seconds
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from multirank import free_port
 
 SMOKE = ["--set", "data.name=synthetic", "--set", "data.synthetic_shape=[1, 8, 8]", "--set", "data.synthetic_size=128",

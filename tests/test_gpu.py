@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-
 from multirank import free_port
 from workers import run_steps, small_config
+
 from parallel_dkp.parallel.distributed import DistContext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

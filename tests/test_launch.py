@@ -282,7 +282,8 @@ def test_slurm_script_runs_one_c10d_torchrun_per_node(tmp_path):
                      r"\s+--rdzv-backend c10d --rdzv-endpoint \"\$HEAD_NODE:\$RDZV_PORT\" --rdzv-id \"\$SLURM_JOB_ID\"",
                      text, re.MULTILINE), "the srun torchrun c10d line changed"
     sbatch_lines = [line for line in text.splitlines() if line.startswith("#SBATCH")]
-    assert any("--nodes=" in line for line in sbatch_lines) and any("--ntasks-per-node=1" in line for line in sbatch_lines)
+    assert any("--nodes=" in line for line in sbatch_lines)
+    assert any("--ntasks-per-node=1" in line for line in sbatch_lines)
 
     # Run the script with stand-ins for the Slurm commands: it must build the right command line.
     bin_dir = tmp_path / "bin"

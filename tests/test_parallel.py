@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
 from multirank import spawn
-from parallel_dkp.parallel.distributed import DistContext
 from workers import die_after_one_step, run_steps, small_config, train_rules
+
+from parallel_dkp.parallel.distributed import DistContext
 
 RULES = ["bp", "bp_fc_only", "fa", "kp", "dfa", "dkp", "drtp"]
 STEPS = 3
@@ -29,7 +29,8 @@ def _merge(out_dir, rule, world_size):
     return state, evals[-1], partition
 
 
-@pytest.mark.parametrize("world_size,partition,microbatches", [(2, (), 2), (3, (1, 1, 2), 4)], ids=["2ranks-auto", "3ranks"])
+@pytest.mark.parametrize("world_size,partition,microbatches", [(2, (), 2), (3, (1, 1, 2), 4)],
+                         ids=["2ranks-auto", "3ranks"])
 def test_multirank_matches_single_process(tmp_path, world_size, partition, microbatches):
     """Pinpoints a runtime that changes the math when the network is split: for every rule the
     parameters, BN statistics, feedback matrices and test metrics after a few steps on

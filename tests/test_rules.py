@@ -7,11 +7,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    CONV_INPUT,
+    MLP_INPUT,
+    TINY_CONV,
+    TINY_MLP,
+    TINY_MLP_BN,
+    batch,
+    clone,
+    make_blocks,
+    make_stage,
+    one_backward,
+    optimizers_for,
+    sgd,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import (CONV_INPUT, MLP_INPUT, TINY_CONV, TINY_MLP, TINY_MLP_BN, batch, clone, make_blocks,
-                     make_stage, one_backward, optimizers_for, sgd)
 from parallel_dkp.rules.feedback_layers import FeedbackConv2d, FeedbackLinear
 
 DIRECT = ("dfa", "dkp", "drtp")
@@ -35,8 +47,8 @@ def test_mlp_updates_match_hand_derived_formulas(rule):
     one_backward(stage, x, y)
 
     lin = [stage.blocks[0][1], stage.blocks[1][0], stage.blocks[2][0]]
-    W = [l.weight.detach() for l in lin]
-    b = [l.bias.detach() for l in lin]
+    W = [layer.weight.detach() for layer in lin]
+    b = [layer.bias.detach() for layer in lin]
     z1 = x @ W[0].T + b[0]
     a1 = z1.relu()
     z2 = a1 @ W[1].T + b[1]
@@ -64,7 +76,7 @@ def test_mlp_updates_match_hand_derived_formulas(rule):
             torch.testing.assert_close(layer.feedback.grad, layer.weight.grad)
     else:
         assert all(p.grad is None for p in stage.feedback.values())
-        assert all(getattr(l, "feedback", None) is None or l.feedback.grad is None for l in lin)
+        assert all(getattr(layer, "feedback", None) is None or layer.feedback.grad is None for layer in lin)
 
 
 def test_direct_feedback_shapes_and_output_block():
@@ -88,10 +100,9 @@ class _StraightThrough(nn.Module):
 
     def forward(self, x):
         if isinstance(self.layer, nn.Conv2d):
-            f = lambda inp, w: F.conv2d(inp, w, None, self.layer.stride, self.layer.padding)
+            through_b = F.conv2d(x, self.feedback, None, self.layer.stride, self.layer.padding)
         else:
-            f = lambda inp, w: F.linear(inp, w)
-        through_b = f(x, self.feedback)
+            through_b = F.linear(x, self.feedback)
         return self.layer(x.detach()) + through_b - through_b.detach()
 
 
@@ -216,7 +227,7 @@ def test_kp_feedback_converges_geometrically_to_weights():
     stage = make_stage("kp", TINY_MLP_BN, MLP_INPUT)
     opt = optimizers_for(stage, forward=sgd(lr, wd), feedback=sgd(lr, wd))
     layers = [m for m in stage.modules() if isinstance(m, FeedbackLinear)]
-    gap0 = [(l.weight - l.feedback).norm().item() for l in layers]
+    gap0 = [(layer.weight - layer.feedback).norm().item() for layer in layers]
     for step in range(steps):
         x, y = batch(MLP_INPUT, n=16, seed=step)
         one_backward(stage, x, y)

@@ -14,7 +14,8 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not FMNIST.is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
 def test_dkp_learns_real_fashion_mnist(tmp_path):
     """Pinpoints a DKP that does not learn: conv2 on 4096 real training images for one epoch
     must clearly beat chance (10%) on 2000 held-out test images."""

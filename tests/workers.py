@@ -39,7 +39,8 @@ def run_steps(cfg: Config, ctx: DistContext, steps: int) -> dict:
 def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], partition, microbatches: int, steps: int,
                 schedule: str = "gpipe"):
     for rule in rules:
-        cfg = small_config(rule, partition=partition, microbatches=microbatches, extra=[f"parallel.schedule={schedule}"])
+        cfg = small_config(rule, partition=partition, microbatches=microbatches,
+                           extra=[f"parallel.schedule={schedule}"])
         ctx = init_distributed(cfg.parallel, cfg.run)
         torch.save(run_steps(cfg, ctx, steps), Path(out_dir) / f"{rule}-rank{rank}.pt")
     dist.destroy_process_group()

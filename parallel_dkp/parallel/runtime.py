@@ -82,7 +82,8 @@ class Runtime:
         self.batch_size = batch_size
         self.timer = timer or PhaseTimer(ctx.device)
         self._schedule_name = schedule
-        if schedule == "1f1b" and ctx.backend == "gloo" and _torch_version() < (2, 5) and not self.rule.backward_unlocked:
+        serial_on_gloo = ctx.backend == "gloo" and not self.rule.backward_unlocked
+        if schedule == "1f1b" and serial_on_gloo and _torch_version() < (2, 5):
             # Its 1F1B fuses sends with receives in one batch; on gloo that deadlocks (seen with 2.4.1).
             raise ValueError(
                 f"parallel.schedule = '1f1b' deadlocks on gloo with torch {torch.__version__}; "
