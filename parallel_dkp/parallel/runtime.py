@@ -98,7 +98,9 @@ class Runtime:
         if len(y) != self.batch_size:
             raise ValueError(f"training batches must hold exactly {self.batch_size} examples, got {len(y)}")
         self.stage.train()
-        x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+        if self.stage.is_first:  # only the first stage reads the inputs
+            x = x.to(self.ctx.device, non_blocking=True)
+        y = y.to(self.ctx.device, non_blocking=True)
         if self.rule.backward_unlocked:
             result = self._direct_step(x, y)
         elif self.ctx.distributed:
@@ -112,7 +114,7 @@ class Runtime:
         result, total = StepResult(), len(y)
         pending: deque = deque()  # (hidden outputs, signal, broadcast handle) per micro-batch
         sends = []
-        for m, (x_m, y_m) in enumerate(zip(x.chunk(self.microbatches), y.chunk(self.microbatches))):
+        for x_m, y_m in zip(x.chunk(self.microbatches), y.chunk(self.microbatches)):
             inputs = x_m if self.stage.is_first else self._recv(len(y_m))
             with self.timer.phase("forward"):
                 out, hidden = self.stage.forward_unlocked(inputs)
