@@ -8,55 +8,52 @@ median time of each phase (forward, update, wait, send, optimizer) and its idle 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from parallel_dkp.config import Config
+from parallel_dkp.config import Config, to_dict
 from parallel_dkp.parallel.distributed import DistContext
 from parallel_dkp.parallel.timing import PHASES
 from parallel_dkp.train import build_job, train_step
 
+ConfigFor = Callable[[str, Sequence[str]], Config]
+"""``config_for(rule, extra_overrides)``: the run config of one rule, from the same loader as
+``train`` (so ``[per_rule.<rule>]`` sections and validation apply to every rule)."""
 
-def bench_rules(cfg: Config, rules: list[str], ctx: DistContext, *, steps: int = 20, warmup: int = 3) -> dict:
-    """Median seconds per training step of each rule with ``cfg``'s model, batch and partition."""
-    def with_rule(c: Config, rule: str) -> Config:
-        return dataclasses.replace(c, rule=dataclasses.replace(c.rule, name=rule))
 
+def bench_rules(config_for: ConfigFor, rules: list[str], ctx: DistContext, *, steps: int = 20,
+                warmup: int = 3) -> dict:
+    """Median seconds per training step of each rule with the same model, batch and partition."""
     # A balanced partition is measured, and measurements vary: decide it once, for every rule.
-    first = build_job(with_rule(cfg, rules[0]), ctx)
-    counts = tuple(len(r) for r in first.partition)
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, partition=counts))
-    jobs = {rules[0]: first, **{rule: build_job(with_rule(cfg, rule), ctx) for rule in rules[1:]}}
-    x, y = next(iter(next(iter(jobs.values())).train_loader))
+    first = build_job(config_for(rules[0], ()), ctx, profile=True)
+    same_partition = (f"parallel.partition={[len(r) for r in first.partition]}",)
+    jobs = {rules[0]: first, **{rule: build_job(config_for(rule, same_partition), ctx, profile=True)
+                                for rule in rules[1:]}}
+    x, y = next(iter(first.train_loader))
     samples: dict[str, list[float]] = {rule: [] for rule in rules}
     for step in range(warmup + steps):
         for rule, job in jobs.items():
-            if ctx.distributed:
-                dist.barrier()  # every rule's step starts together on all ranks
+            ctx.barrier()  # every rule's step starts together on all ranks
             _sync(ctx)
-            job.runtime.timer.start_step()
+            job.timer.start_step()
             start = time.perf_counter()
             train_step(job, x, y)
-            _sync(ctx)
-            job.runtime.timer.end_step()
+            job.timer.end_step()
+            _sync(ctx)  # a benchmark waits for the device at step boundaries, never inside a step
             if step >= warmup:
                 samples[rule].append(time.perf_counter() - start)
     base = statistics.median(samples[rules[0]])
-    phases = {rule: job.runtime.timer.summary(skip=warmup) for rule, job in jobs.items()}
-    per_rank = [phases]
-    if ctx.distributed:
-        per_rank = [None] * ctx.world_size
-        dist.all_gather_object(per_rank, phases)
-    first = next(iter(jobs.values()))
+    phases = {rule: job.timer.summary(skip=warmup) for rule, job in jobs.items()}
+    per_rank = ctx.all_gather_object(phases)
+    cfg = first.cfg
     return {
         "machine": _machine(ctx),
         "model": cfg.model.name, "data": cfg.data.name, "batch_size": cfg.data.batch_size,
@@ -66,6 +63,7 @@ def bench_rules(cfg: Config, rules: list[str], ctx: DistContext, *, steps: int =
         "rules": {rule: {"median_s": statistics.median(s), f"ratio_to_{rules[0]}": statistics.median(s) / base,
                          "samples_s": s} for rule, s in samples.items()},
         "phases_per_rank": {rule: [rank_phases[rule] for rank_phases in per_rank] for rule in rules},
+        "configs": {rule: to_dict(job.cfg) for rule, job in jobs.items()},
     }
 
 

@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from parallel_dkp.config import load_config
+from parallel_dkp.config import Config, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +48,16 @@ def _bench(args, cfg, console: Console) -> None:
     from parallel_dkp.parallel.distributed import distributed
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+
+    def config_for(rule: str, extra=()) -> Config:
+        # The same loader as train: per-rule sections and validation apply to every rule.
+        return load_config(args.config, [*args.overrides, f"rule.name={rule}", *extra])
+
+    for rule in rules:  # every rule's config is checked before any process group starts
+        config_for(rule)
+
     with distributed(cfg.parallel, cfg.run) as ctx:
-        result = bench_rules(cfg, rules, ctx, steps=args.steps, warmup=args.warmup)
+        result = bench_rules(config_for, rules, ctx, steps=args.steps, warmup=args.warmup)
         result["command"] = " ".join(sys.argv)
         if ctx.is_last:
             print_bench(result, console)

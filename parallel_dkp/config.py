@@ -50,6 +50,13 @@ class RunConfig:
     """Stop each epoch after this many training steps (0 = the whole epoch). For smoke runs."""
     progress: bool = True
     """Show a rich progress bar (on the rank that owns the loss only)."""
+    log_every: int = 50
+    """Read the running loss and accuracy back from the device every this many steps (and at
+    each epoch end) to update the progress bar and check for NaNs. Each read makes the host
+    wait for the device, so on GPUs keep it well above 1."""
+    profile: bool = False
+    """Time every phase of every step (forward, update, wait, send, optimizer) per rank, with
+    CUDA events on GPUs, and write ``phases.json``. Off by default: it costs a little."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,13 @@ class Config:
             raise ValueError(
                 f"data.batch_size ({self.data.batch_size}) must be a positive multiple of "
                 f"parallel.microbatches ({self.parallel.microbatches}); change one of them"
+            )
+        if self.run.log_every < 1:
+            raise ValueError(f"run.log_every must be >= 1 (steps between metric reads), got {self.run.log_every}")
+        if self.rule.name == "bp_fc_only" and self.model.name == "mlp":
+            raise ValueError(
+                "rule.name = 'bp_fc_only' freezes convolutions, but model.name = 'mlp' has none (it would "
+                "equal bp); use rule.name=bp, or a convolutional model (conv2, alexnet, alexnet_small)"
             )
         if self.run.epochs < 1:
             raise ValueError(f"run.epochs must be >= 1, got {self.run.epochs}")

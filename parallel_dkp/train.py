@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -22,9 +21,11 @@ from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.optim import Optimizers
 from parallel_dkp.parallel.costs import choose_partition
 from parallel_dkp.parallel.distributed import DistContext, distributed, peer_errors
-from parallel_dkp.parallel.runtime import Runtime, StepResult
+from parallel_dkp.parallel.metrics import StepMetrics
+from parallel_dkp.parallel.schedules import Schedule, build_schedule
 from parallel_dkp.parallel.stage import Stage
-from parallel_dkp.parallel.timing import PHASE_LABELS, PHASES, PhaseTimer
+from parallel_dkp.parallel.timing import PHASE_LABELS, PHASES, NoTimer, make_timer
+from parallel_dkp.parallel.transport import Transport
 from parallel_dkp.rules import build_rule
 
 
@@ -37,18 +38,28 @@ class Job:
     info: DatasetInfo
     partition: list[range]
     stage: Stage
-    runtime: Runtime
+    schedule: Schedule
     optimizers: Optimizers
     train_loader: object
     test_loader: object
 
+    @property
+    def timer(self) -> NoTimer:
+        return self.schedule.timer
 
-def build_job(cfg: Config, ctx: DistContext) -> Job:
-    """Data, the seeded network, this rank's stage, its runtime and optimizers."""
+
+def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> Job:
+    """Data, the seeded network, this rank's stage, its schedule and optimizers.
+
+    The whole network is built on the CPU from per-block seeds (so every device and partition
+    starts from the same numbers), then moved to this rank's device before anything measures
+    or adapts it. ``profile`` overrides ``run.profile`` (phase timers on or off).
+    """
     torch.manual_seed(cfg.run.seed)
     train_loader, test_loader, info = build_loaders(cfg.data, seed=cfg.run.seed)
     blocks = build_blocks(cfg.model, input_shape=info.input_shape, num_classes=info.num_classes, seed=cfg.run.seed)
     out_shapes = block_output_shapes(blocks, info.input_shape)
+    blocks = blocks.to(ctx.device)
     microbatch = cfg.data.batch_size // cfg.parallel.microbatches
     partition = choose_partition(
         cfg.parallel.partition, ctx, blocks=blocks, input_shape=info.input_shape, microbatch=microbatch
@@ -57,30 +68,38 @@ def build_job(cfg: Config, ctx: DistContext) -> Job:
     stage = Stage(
         [blocks[i] for i in own], indices=own, num_blocks=len(blocks), rule=build_rule(cfg.rule),
         out_shapes=out_shapes, num_classes=info.num_classes, seed=cfg.run.seed,
-    ).to(ctx.device)
+    )
+    del blocks  # other ranks' blocks
     in_shape = info.input_shape if own.start == 0 else out_shapes[own.start - 1]
-    runtime = Runtime(
-        stage, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
-        microbatches=cfg.parallel.microbatches, batch_size=cfg.data.batch_size, schedule=cfg.parallel.schedule,
-        timer=PhaseTimer(ctx.device),
+    transport = Transport(ctx, is_first=stage.is_first, is_last=stage.is_last, in_shape=in_shape,
+                          timeout_s=cfg.parallel.timeout_s)
+    schedule = build_schedule(
+        stage, transport, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
+        microbatches=cfg.parallel.microbatches, batch_size=cfg.data.batch_size,
+        pipeline_schedule=cfg.parallel.schedule,
+        timer=make_timer(ctx.device, cfg.run.profile if profile is None else profile),
     )
     optimizers = Optimizers(forward=stage.forward_parameters(), feedback=stage.feedback_parameters(), cfg=cfg.optim)
-    return Job(cfg, ctx, info, partition, stage, runtime, optimizers, train_loader, test_loader)
+    return Job(cfg, ctx, info, partition, stage, schedule, optimizers, train_loader, test_loader)
 
 
-def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-    """One optimisation step of this rank's stage."""
+def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> StepMetrics:
+    """One optimisation step of this rank's stage. Reads nothing back from the device."""
     with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "a training step"):
         job.stage.zero_grad(set_to_none=True)
-        result = job.runtime.train_step(x, y)
-        with job.runtime.timer.phase("optim"):
+        metrics = job.schedule.train_step(x, y)
+        with job.timer.phase("optim"):
             job.optimizers.step()
-    return result
+    return metrics
 
 
-def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[StepResult, float]:
-    """Returns the epoch's sums (last rank) and the wall time of its training steps."""
-    total, seconds = StepResult(), 0.0
+def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[StepMetrics, float]:
+    """Returns the epoch's sums (last rank) and the wall time of its training steps.
+
+    Loss and accuracy stay on the device; they are read (one host sync) every
+    ``run.log_every`` steps and at the end, where a non-finite loss stops the run.
+    """
+    total, seconds = StepMetrics(), 0.0
     num_steps = len(job.train_loader)
     if job.cfg.run.max_steps:
         num_steps = min(num_steps, job.cfg.run.max_steps)
@@ -89,29 +108,39 @@ def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[St
         if step >= num_steps:
             break
         start = time.perf_counter()
-        job.runtime.timer.start_step()
-        result = train_step(job, x, y)
-        job.runtime.timer.end_step()
+        job.timer.start_step()
+        total += train_step(job, x, y)
+        job.timer.end_step()
         seconds += time.perf_counter() - start
-        total += result
-        if job.ctx.is_last and not math.isfinite(result.loss_sum):
-            raise FloatingPointError(
-                f"the training loss became {result.loss_sum} at epoch {epoch}, step {step}; lower "
-                f"optim.forward.lr (now {job.cfg.optim.forward.lr}) or optim.feedback.lr "
-                f"(now {job.cfg.optim.feedback.lr}), or keep model.batch_norm=true"
-            )
-        if progress is not None:
-            stats = f"loss {total.loss_sum / total.count:.4f}  acc {total.correct / total.count:.2%}"
-            progress.update(task, advance=1, stats=stats)
+        if (step + 1) % job.cfg.run.log_every == 0 or step + 1 == num_steps:
+            _log(job, total, epoch, step, progress, task)
+        elif progress is not None:
+            progress.update(task, advance=1)
     job.optimizers.epoch_end()
     return total, seconds
 
 
-def evaluate(job: Job) -> StepResult:
-    total = StepResult()
+def _log(job: Job, total: StepMetrics, epoch: int, step: int, progress: Progress | None, task) -> None:
+    """Read the running sums back (this waits for the device) and show or check them."""
+    if not job.ctx.is_last:
+        return
+    loss_sum, correct, count = total.read()
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(
+            f"the training loss became {loss_sum} by epoch {epoch}, step {step}; lower "
+            f"optim.forward.lr (now {job.cfg.optim.forward.lr}) or optim.feedback.lr "
+            f"(now {job.cfg.optim.feedback.lr}), or keep model.batch_norm=true"
+        )
+    if progress is not None:
+        stats = f"loss {loss_sum / count:.4f}  acc {correct / count:.2%}"
+        progress.update(task, completed=step + 1, stats=stats)
+
+
+def evaluate(job: Job) -> StepMetrics:
+    total = StepMetrics()
     for x, y in job.test_loader:
         with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "evaluation"):
-            total += job.runtime.eval_step(x, y)
+            total += job.schedule.eval_step(x, y)
     return total
 
 
@@ -157,32 +186,35 @@ def _train(cfg: Config, ctx: DistContext, console: Console) -> list[dict]:
     return history
 
 
-def _metrics_row(cfg: Config, epoch: int, train: StepResult, test: StepResult, seconds: float, world_size: int) -> dict:
+def _metrics_row(cfg: Config, epoch: int, train: StepMetrics, test: StepMetrics, seconds: float,
+                 world_size: int) -> dict:
+    train_loss, train_correct, train_count = train.read()
+    test_loss, test_correct, test_count = test.read()
     return {
         "epoch": epoch,
         "rule": cfg.rule.name,
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "train_loss": train.loss_sum / max(train.count, 1),
-        "train_acc": train.correct / max(train.count, 1),
-        "test_loss": test.loss_sum / max(test.count, 1),
-        "test_acc": test.correct / max(test.count, 1),
+        "train_loss": train_loss / max(train_count, 1),
+        "train_acc": train_correct / max(train_count, 1),
+        "test_loss": test_loss / max(test_count, 1),
+        "test_acc": test_correct / max(test_count, 1),
         "train_seconds": seconds,
-        "train_examples": train.count,
-        "test_examples": test.count,
+        "train_examples": train_count,
+        "test_examples": test_count,
         "world_size": world_size,
     }
 
 
 def _report_phases(job: Job, console: Console, out_dir: Path) -> None:
-    """Per-rank median seconds per step of each phase, gathered to and shown by the last rank."""
-    summary = job.runtime.timer.summary(skip=1)
+    """Per-rank median seconds per step of each phase, gathered to and shown by the last rank
+    (only when ``run.profile`` timed them)."""
+    if not job.timer.enabled:
+        return
+    summary = job.timer.summary(skip=1)
     summary["rank"] = job.ctx.rank
     summary["blocks"] = [job.partition[job.ctx.rank].start, job.partition[job.ctx.rank].stop]
-    rows = [summary]
-    if job.ctx.distributed:
-        rows = [None] * job.ctx.world_size
-        dist.all_gather_object(rows, summary)
+    rows = job.ctx.all_gather_object(summary)
     if not job.ctx.is_last or not rows[0].get("step"):
         return
     table = Table(title="median ms per step, per rank (first step skipped)")

@@ -10,8 +10,9 @@ from parallel_dkp.config import ModelConfig, OptimConfig, OptimizerConfig
 from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.optim import Optimizers
 from parallel_dkp.parallel.distributed import DistContext
-from parallel_dkp.parallel.runtime import Runtime
+from parallel_dkp.parallel.schedules import build_schedule
 from parallel_dkp.parallel.stage import Stage
+from parallel_dkp.parallel.transport import Transport
 from parallel_dkp.rules import RULES
 
 TINY_MLP = ModelConfig(name="mlp", widths=(7, 5), batch_norm=False)
@@ -35,10 +36,12 @@ def make_stage(rule_name: str, model: ModelConfig, input_shape, num_classes=3, s
 
 def one_backward(stage: Stage, x, y, *, microbatches=1, num_classes=3):
     """Accumulate one step's gradients in ``stage`` with the single-process runtime."""
-    runtime = Runtime(stage, DistContext(), in_shape=tuple(x.shape[1:]), out_shape=(num_classes,),
-                      num_classes=num_classes, microbatches=microbatches, batch_size=len(y))
+    ctx, in_shape = DistContext(), tuple(x.shape[1:])
+    transport = Transport(ctx, is_first=True, is_last=True, in_shape=in_shape, timeout_s=60)
+    schedule = build_schedule(stage, transport, ctx, in_shape=in_shape, out_shape=(num_classes,),
+                              num_classes=num_classes, microbatches=microbatches, batch_size=len(y))
     stage.zero_grad(set_to_none=True)
-    return runtime, runtime.train_step(x, y)
+    return schedule, schedule.train_step(x, y)
 
 
 def sgd(lr=0.1, weight_decay=0.0, momentum=0.0):

@@ -24,6 +24,7 @@ from helpers import (
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from parallel_dkp.rules import Feedback
 from parallel_dkp.rules.feedback_layers import FeedbackConv2d, FeedbackLinear
 
 DIRECT = ("dfa", "dkp", "drtp")
@@ -46,7 +47,8 @@ def test_mlp_updates_match_hand_derived_formulas(rule):
     n = len(y)
     one_backward(stage, x, y)
 
-    lin = [stage.blocks[0][1], stage.blocks[1][0], stage.blocks[2][0]]
+    bodies = [getattr(block, "block", block) for block in stage.blocks]  # inside DirectBlock wrappers
+    lin = [bodies[0][1], bodies[1][0], bodies[2][0]]
     W = [layer.weight.detach() for layer in lin]
     b = [layer.bias.detach() for layer in lin]
     z1 = x @ W[0].T + b[0]
@@ -58,34 +60,32 @@ def test_mlp_updates_match_hand_derived_formulas(rule):
 
     if rule in DIRECT:
         s = F.one_hot(y, 3).float() / n if rule == "drtp" else e
-        d1 = (s @ stage.feedback["0"].detach()) * (z1 > 0)
-        d2 = (s @ stage.feedback["1"].detach()) * (z2 > 0)
+        d1 = (s @ stage.blocks[0].feedback.weight.detach()) * (z1 > 0)
+        d2 = (s @ stage.blocks[1].feedback.weight.detach()) * (z2 > 0)
     else:
-        d2 = (e @ lin[2].feedback.detach()) * (z2 > 0)
-        d1 = (d2 @ lin[1].feedback.detach()) * (z1 > 0)
+        d2 = (e @ lin[2].feedback.weight.detach()) * (z2 > 0)
+        d1 = (d2 @ lin[1].feedback.weight.detach()) * (z1 > 0)
     expected = [(d1, x), (d2, a1), (e, a2)]
     for layer, (delta, inp) in zip(lin, expected):
         torch.testing.assert_close(layer.weight.grad, delta.T @ inp)
         torch.testing.assert_close(layer.bias.grad, delta.sum(0))
 
     if rule == "dkp":
-        torch.testing.assert_close(stage.feedback["0"].grad, e.T @ a1)
-        torch.testing.assert_close(stage.feedback["1"].grad, e.T @ a2)
+        torch.testing.assert_close(stage.blocks[0].feedback.weight.grad, e.T @ a1)
+        torch.testing.assert_close(stage.blocks[1].feedback.weight.grad, e.T @ a2)
     elif rule == "kp":
         for layer in lin:
-            torch.testing.assert_close(layer.feedback.grad, layer.weight.grad)
+            torch.testing.assert_close(layer.feedback.weight.grad, layer.weight.grad)
     else:
-        assert all(p.grad is None for p in stage.feedback.values())
-        assert all(getattr(layer, "feedback", None) is None or layer.feedback.grad is None for layer in lin)
+        assert all(m.weight.grad is None for m in stage.modules() if isinstance(m, Feedback))
 
 
 def test_direct_feedback_shapes_and_output_block():
     """Pinpoints B_j of the wrong shape, or feedback injected at the logits (the output block
     must always receive the true error)."""
     stage = make_stage("dkp", TINY_CONV, CONV_INPUT)
-    assert sorted(stage.feedback.keys()) == ["0", "1", "2"]  # no B for the output block
-    assert stage.feedback["0"].shape == (3, 32 * 6 * 6)
-    assert stage.feedback["2"].shape == (3, 128)
+    shapes = [None if b.feedback is None else tuple(b.feedback.weight.shape) for b in stage.blocks]
+    assert shapes == [(3, 32 * 6 * 6), (3, 32 * 6 * 6), (3, 128), None]  # no B for the output block
 
 
 # --------------------------------------------------------------------------- autograd references, BN + conv
@@ -112,7 +112,7 @@ def _straight_through_copy(stage_blocks, plain_blocks):
     slots = [(p, name) for p in ref.modules() for name, c in p.named_children() if type(c) in (nn.Linear, nn.Conv2d)]
     assert len(fb_layers) == len(slots)
     for fb, (parent, name) in zip(fb_layers, slots):
-        setattr(parent, name, _StraightThrough(getattr(parent, name), fb.feedback.detach().clone()))
+        setattr(parent, name, _StraightThrough(getattr(parent, name), fb.feedback.weight.detach().clone()))
     return ref
 
 
@@ -140,7 +140,12 @@ def test_updates_match_autograd_reference(rule, model, shape, microbatches, floa
     n = len(y)
 
     ref = _straight_through_copy(stage.blocks, plain) if rule in ("fa", "kp") else clone(plain)
-    ref_fb = {k: v.detach() for k, v in stage.feedback.items()}
+    if rule == "bp_fc_only":  # plain autograd with the convolutions and their BN frozen
+        for m in ref.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.requires_grad_(False)
+    ref_fb = {str(j): b.feedback.weight.detach() for j, b in enumerate(stage.blocks)
+              if getattr(b, "feedback", None) is not None}
     fb_grads = {k: torch.zeros_like(v) for k, v in ref_fb.items()}
     for x_m, y_m in zip(x.chunk(microbatches), y.chunk(microbatches)):
         if rule in DIRECT:
@@ -158,14 +163,14 @@ def test_updates_match_autograd_reference(rule, model, shape, microbatches, floa
             logits = ref(x_m) if isinstance(ref, nn.Sequential) else _chain(ref, x_m)
             (F.cross_entropy(logits, y_m, reduction="sum") / n).backward()
 
-    got = dict(_named_forward_grads(stage.blocks))
+    got = dict(_named_forward_grads(nn.ModuleList(getattr(b, "block", b) for b in stage.blocks)))
     want = dict(_named_forward_grads(ref))
     assert len(got) == len(want) > 0
     for (name, g), (ref_name, w) in zip(got.items(), want.items()):
         torch.testing.assert_close(g, w, msg=lambda m: f"{rule}: {name} vs {ref_name}: {m}")
     if rule == "dkp":
-        for k, p in stage.feedback.items():
-            torch.testing.assert_close(p.grad, fb_grads[k])
+        for k, grad in fb_grads.items():
+            torch.testing.assert_close(stage.blocks[int(k)].feedback.weight.grad, grad)
 
 
 def _chain(blocks, x):
@@ -176,7 +181,7 @@ def _chain(blocks, x):
 
 def _named_forward_grads(blocks):
     for name, p in blocks.named_parameters():
-        if name.endswith("feedback"):
+        if ".feedback." in name:
             continue
         yield name, p.grad if p.grad is not None else torch.zeros_like(p)
 
@@ -198,23 +203,32 @@ class _ConvBackwardLog(TorchDispatchMode):
 @pytest.mark.parametrize("rule", ALL_RULES)
 def test_direct_rules_never_compute_input_gradients(rule):
     """Pinpoints a direct rule that runs (part of) the BP chain: its hidden blocks' inputs must be
-    cut from the graph, and no convolution backward may compute an input gradient. BP must."""
+    cut from the graph, and no convolution backward may compute an input gradient. BP must.
+    Also pinpoints a bp_fc_only whose frozen convolutions still run their backward (a full BP
+    step's cost for nothing): its backward must stop at the first FC layer."""
     stage = make_stage(rule, TINY_CONV, CONV_INPUT)
+    bodies = [getattr(block, "block", block) for block in stage.blocks]  # inside DirectBlock wrappers
     inputs = []
-    hooks = [blk.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for blk in stage.blocks]
+    hooks = [body.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for body in bodies]
     x, y = batch(CONV_INPUT)
     with _ConvBackwardLog() as log:
         one_backward(stage, x, y, microbatches=2)
     for h in hooks:
         h.remove()
-    assert len(log.input_grad_masks) == 4  # 2 conv layers x 2 micro-batches
+    if rule == "bp_fc_only":
+        assert log.input_grad_masks == []
+        # Nothing below the first FC layer needs a gradient (the output block's input does).
+        assert [inp.requires_grad for inp in inputs] == [False, False, False, True] * 2
+        assert all(p.grad is None for body in bodies[:2] for p in body.parameters())
+    else:
+        assert len(log.input_grad_masks) == 4  # 2 conv layers x 2 micro-batches
     if rule in DIRECT:
         assert not any(inp.requires_grad for inp in inputs)
         assert not any(log.input_grad_masks)
-    else:
+    elif rule != "bp_fc_only":
         assert any(inp.requires_grad for inp in inputs[1:])
         assert any(log.input_grad_masks)  # conv1's input gradient feeds conv0
-    assert stage.blocks[-1][0].weight.grad is not None
+    assert bodies[-1][0].weight.grad is not None
 
 
 # --------------------------------------------------------------------------- convergence (paper §2.4-2.5)
@@ -227,13 +241,13 @@ def test_kp_feedback_converges_geometrically_to_weights():
     stage = make_stage("kp", TINY_MLP_BN, MLP_INPUT)
     opt = optimizers_for(stage, forward=sgd(lr, wd), feedback=sgd(lr, wd))
     layers = [m for m in stage.modules() if isinstance(m, FeedbackLinear)]
-    gap0 = [(layer.weight - layer.feedback).norm().item() for layer in layers]
+    gap0 = [(layer.weight - layer.feedback.weight).norm().item() for layer in layers]
     for step in range(steps):
         x, y = batch(MLP_INPUT, n=16, seed=step)
         one_backward(stage, x, y)
         opt.step()
     for layer, g0 in zip(layers, gap0):
-        gap = (layer.weight - layer.feedback).norm().item()
+        gap = (layer.weight - layer.feedback.weight).norm().item()
         assert gap == pytest.approx(g0 * (1 - lr * wd) ** steps, rel=1e-4)
         assert gap < 0.25 * g0
 
@@ -245,7 +259,7 @@ def test_dkp_last_feedback_follows_output_weights():
     lr, wd, steps = 0.1, 0.2, 15
     stage = make_stage("dkp", TINY_MLP_BN, MLP_INPUT)
     opt = optimizers_for(stage, forward=sgd(lr, wd), feedback=sgd(lr, wd))
-    w_out, b_last = stage.blocks[-1][0].weight, stage.feedback["1"]
+    w_out, b_last = stage.blocks[-1].block[0].weight, stage.blocks[1].feedback.weight
     gap0 = (w_out - b_last).norm().item()
     for step in range(steps):
         x, y = batch(MLP_INPUT, n=16, seed=step)
@@ -255,7 +269,7 @@ def test_dkp_last_feedback_follows_output_weights():
 
     stage = make_stage("dkp", TINY_MLP_BN, MLP_INPUT)
     opt = optimizers_for(stage, forward=sgd(0.5, 0.05, momentum=0.9), feedback=sgd(0.1, 0.05, momentum=0.9))
-    w_out, b_last = stage.blocks[-1][0].weight, stage.feedback["1"]
+    w_out, b_last = stage.blocks[-1].block[0].weight, stage.blocks[1].feedback.weight
 
     def angle():
         cos = F.cosine_similarity(w_out.flatten(), b_last.flatten(), dim=0).item()

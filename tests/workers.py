@@ -33,7 +33,7 @@ def run_steps(cfg: Config, ctx: DistContext, steps: int) -> dict:
         train_step(job, x, y)
     result = evaluate(job)
     return {"state": {k: v.detach().clone() for k, v in job.stage.global_state_dict().items()},
-            "eval": [result.loss_sum, result.correct, result.count], "partition": [list(r) for r in job.partition]}
+            "eval": list(result.read()), "partition": [list(r) for r in job.partition]}
 
 
 def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], partition, microbatches: int, steps: int,

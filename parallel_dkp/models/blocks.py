@@ -42,16 +42,26 @@ def build_blocks(
     return nn.ModuleList(blocks)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (CPU for a module with neither)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def block_output_shapes(blocks: nn.ModuleList, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Per-example output shape of every block (one dummy example, eval mode, no state change)."""
+    """Per-example output shape of every block (one dummy example, eval mode, no state change).
+
+    Runs where the blocks are (a ``meta`` network gives its shapes without computing anything).
+    """
     was_training = [b.training for b in blocks]
     shapes = []
     x = torch.zeros(2, *input_shape)
     try:
         for block in blocks:
             block.eval()
-            x = block(x)
+            x = block(x.to(module_device(block)))
             shapes.append(tuple(x.shape[1:]))
     finally:
         for block, mode in zip(blocks, was_training):

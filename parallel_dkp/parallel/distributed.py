@@ -22,8 +22,6 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
-    error_group: object | None = None
-    """A process group of its own for the error broadcast, so it never interleaves with P2P."""
 
     @property
     def distributed(self) -> bool:
@@ -37,6 +35,33 @@ class DistContext:
     @property
     def last_rank(self) -> int:
         return self.world_size - 1
+
+    # World-level collectives used outside the training step (setup, reports, benchmarks).
+    # On a single process each one is the identity.
+
+    def new_group(self, timeout_s: float):
+        """A new process group over all ranks (collective: every rank calls it in the same order)."""
+        return dist.new_group(backend=self.backend, timeout=timedelta(seconds=timeout_s))
+
+    def broadcast_object(self, obj, src: int = 0):
+        """``obj`` of rank ``src``, on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
 
 
 def resolve_device(run: RunConfig, local_rank: int = 0) -> torch.device:
@@ -82,8 +107,7 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
-    error_group = dist.new_group(backend=backend, timeout=timeout)
-    return DistContext(rank, world_size, local_rank, device, backend, error_group)
+    return DistContext(rank, world_size, local_rank, device, backend)
 
 
 class PeerFailure(RuntimeError):

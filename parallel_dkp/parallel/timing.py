@@ -1,11 +1,21 @@
-"""Per-rank phase timers: forward compute, local update, waiting, communication, optimizer."""
+"""Per-rank phase timers: forward compute, local update, waiting, communication, optimizer.
+
+Timing is off unless asked for (``run.profile = true``, or ``parallel-dkp bench``): a normal
+step gets :class:`NoTimer`, whose phases cost nothing. When on, every phase is also a
+``torch.profiler.record_function`` range (it shows up in a profiler trace), and
+
+* on the CPU, phases are wall-clock intervals (the host *is* the device there);
+* on CUDA, phases are pairs of CUDA events recorded on the current stream, read back only
+  when they have completed (``Event.query``) or when the summary is asked for, so the host
+  never waits inside a step.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 
@@ -16,40 +26,36 @@ PHASE_LABELS = ("fwd", "upd", "pipe", "wait", "send", "opt")  # short column tit
 ``wait``: blocked on a receive or on the error broadcast; ``send``: completing sends."""
 
 
-class PhaseTimer:
-    """Accumulates wall time per phase within a step; keeps one total per step."""
+class NoTimer:
+    """Phase timing switched off: every method is free."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sync = device.type == "cuda"
-        self.current: dict[str, float] = defaultdict(float)
-        self.steps: list[dict[str, float]] = []
-        self.step_seconds: list[float] = []
-        self._step_start = 0.0
+    enabled = False
 
-    @contextmanager
-    def phase(self, name: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.current[name] += time.perf_counter() - start
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def start_step(self) -> None:
-        self.current = defaultdict(float)
-        self._step_start = time.perf_counter()
+        pass
 
     def end_step(self) -> None:
-        if self.sync:
-            torch.cuda.synchronize()
-        self.step_seconds.append(time.perf_counter() - self._step_start)
-        self.steps.append(dict(self.current))
+        pass
+
+    def summary(self, skip: int = 0) -> dict[str, float]:
+        return {}
+
+
+class _Timer(NoTimer):
+    """Seconds per phase and per step, kept per step; subclasses say how an interval is taken."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.step_seconds: list[float] = []
 
     def summary(self, skip: int = 0) -> dict[str, float]:
         """Median seconds per step of each phase and of the whole step, after ``skip`` warm-up steps."""
+        self._resolve(wait=True)
         steps = self.steps[skip:] or self.steps
         totals = self.step_seconds[skip:] or self.step_seconds
         if not totals:
@@ -59,3 +65,84 @@ class PhaseTimer:
         busy = sum(out[p] for p in ("forward", "update", "pipeline", "optim"))
         out["idle_fraction"] = max(0.0, 1.0 - busy / out["step"]) if out["step"] else 0.0
         return out
+
+    def _resolve(self, wait: bool) -> None:
+        pass
+
+
+class WallClockTimer(_Timer):
+    """Host wall-clock intervals: right on the CPU, where compute happens on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._current: dict[str, float] = defaultdict(float)
+        self._step_start = 0.0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            with torch.profiler.record_function(name):
+                yield
+        finally:
+            self._current[name] += time.perf_counter() - start
+
+    def start_step(self) -> None:
+        self._current = defaultdict(float)
+        self._step_start = time.perf_counter()
+
+    def end_step(self) -> None:
+        self.step_seconds.append(time.perf_counter() - self._step_start)
+        self.steps.append(dict(self._current))
+
+
+class CudaEventTimer(_Timer):
+    """CUDA events on the current stream; read back without ever blocking inside a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._current: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._step_start: torch.cuda.Event | None = None
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event, list]] = []
+
+    @staticmethod
+    def _event() -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = self._event()
+        try:
+            with torch.profiler.record_function(name):
+                yield
+        finally:
+            self._current.append((name, start, self._event()))
+
+    def start_step(self) -> None:
+        self._current = []
+        self._step_start = self._event()
+
+    def end_step(self) -> None:
+        self._pending.append((self._step_start, self._event(), self._current))
+        self._resolve(wait=False)
+
+    def _resolve(self, wait: bool) -> None:
+        """Turn completed steps' events into seconds (all of them, after a sync, if ``wait``)."""
+        if wait and self._pending:
+            torch.cuda.synchronize()
+        while self._pending and self._pending[0][1].query():
+            start, end, phases = self._pending.pop(0)
+            per_phase: dict[str, float] = defaultdict(float)
+            for name, a, b in phases:
+                per_phase[name] += a.elapsed_time(b) / 1e3
+            self.steps.append(dict(per_phase))
+            self.step_seconds.append(start.elapsed_time(end) / 1e3)
+
+
+def make_timer(device: torch.device, enabled: bool) -> NoTimer:
+    """The timer for a run on ``device``: off, wall-clock (CPU) or CUDA events."""
+    if not enabled:
+        return NoTimer()
+    return CudaEventTimer() if device.type == "cuda" else WallClockTimer()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from parallel_dkp.config import RuleConfig
-from parallel_dkp.rules.base import LearningRule
+from parallel_dkp.rules.base import DirectBlock, Feedback, LearningRule
 from parallel_dkp.rules.bp import BP, BPFCOnly
 from parallel_dkp.rules.direct import DFA, DKP, DRTP, DirectRule
 from parallel_dkp.rules.fa import FA, KP
@@ -29,11 +28,12 @@ def output_error(logits_BK: torch.Tensor, targets_B: torch.Tensor, total: int) -
 
 
 def target_signal(targets_B: torch.Tensor, num_classes: int, total: int, dtype=torch.float32) -> torch.Tensor:
-    """DRTP's signal: ``onehot(y) / total``."""
-    return F.one_hot(targets_B, num_classes).to(dtype) / total
+    """DRTP's signal: ``onehot(y) / total`` (``scatter_``: no host check of the labels' range)."""
+    signal = torch.zeros(len(targets_B), num_classes, dtype=dtype, device=targets_B.device)
+    return signal.scatter_(1, targets_B.unsqueeze(1), 1.0 / total)
 
 
 __all__ = [
-    "RULES", "LearningRule", "DirectRule", "BP", "BPFCOnly", "FA", "KP", "DFA", "DKP", "DRTP",
-    "build_rule", "output_error", "target_signal",
+    "RULES", "DirectBlock", "Feedback", "LearningRule", "DirectRule",
+    "BP", "BPFCOnly", "FA", "KP", "DFA", "DKP", "DRTP", "build_rule", "output_error", "target_signal",
 ]

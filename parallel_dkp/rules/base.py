@@ -1,19 +1,24 @@
-"""The learning-rule protocol shared by the single-process trainer and the layer-parallel runtime.
+"""The learning-rule protocol, and the one way feedback matrices are stored.
 
-A rule never sees ranks. It is told, per block, what to do:
+A rule never sees ranks. It is one object that owns three things:
 
-* ``prepare`` adapts a stage's blocks in place (e.g. swaps in layers whose backward uses a
-  feedback matrix) and creates the direct feedback matrices ``B_j`` of its hidden blocks;
-* serial rules (``signal == "chain"``) are then trained by an ordinary backward through the
-  chain of blocks, followed by ``after_backward`` (KP copies the weight gradient to ``B``);
-* direct rules cut every block's input from the graph and, for each hidden block, call
-  ``hidden_backward(output, signal, B_j)`` with the output error ``e`` (``signal ==
-  "error"``) or the scaled one-hot targets (``signal == "targets"``).
+* **its feedback**: ``prepare`` adapts a stage's blocks in place and creates every feedback
+  matrix as a :class:`Feedback` module *inside the block or layer it feeds* (FA/KP: in each
+  layer's feedback twin; DFA/DKP/DRTP: in a :class:`DirectBlock` around each hidden block).
+  Feedback is found by type (``isinstance(m, Feedback)``), never by attribute name;
+* **its signal**: ``signal`` says what hidden blocks learn from - ``"chain"`` (an ordinary
+  backward through all later blocks), ``"error"`` (the output error ``e``, broadcast from the
+  last stage) or ``"targets"`` (the one-hot labels, known before the forward pass). The
+  schedules (``parallel/schedules.py``) pick the step strategy from it;
+* **its local update**: ``after_backward`` for chained rules (KP copies ``∇W`` to ``B``);
+  ``forward`` / ``local_update`` for direct rules (``DirectRule``).
+
+Adding a rule means one new class in one file of this package, registered in ``RULES``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator, Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +26,44 @@ from torch import nn
 from parallel_dkp.models import seed_for
 
 Signal = Literal["chain", "error", "targets"]
+FeedbackInit = Literal["kaiming_uniform", "kaiming_normal"]
+
+
+class Feedback(nn.Module):
+    """One feedback matrix ``B`` (``weight``), stored next to what it feeds.
+
+    Fixed feedback (FA, DFA, DRTP) does not require grad; learned feedback (KP, DKP) does, and
+    is trained by the feedback optimizer. ``B`` is initialised on the CPU from its own seed and
+    then moved to ``device``, so a GPU run starts from exactly the CPU run's feedback.
+    """
+
+    def __init__(
+        self, shape: Sequence[int], *, learned: bool, init: FeedbackInit, seed: int, device: torch.device
+    ) -> None:
+        super().__init__()
+        matrix = init_feedback_(torch.empty(*shape), method=init, seed=seed)
+        self.weight = nn.Parameter(matrix.to(device), requires_grad=learned)
+
+    @property
+    def learned(self) -> bool:
+        return self.weight.requires_grad
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}, learned={self.learned}"
+
+
+class DirectBlock(nn.Module):
+    """A block trained on its own: its input is cut from the graph (so no input gradient is ever
+    computed), and a hidden block carries its direct feedback ``B_j`` (``[K, D_j]``, ``D_j`` the
+    size of the block's output). The output block has ``feedback = None``."""
+
+    def __init__(self, block: nn.Module, feedback: Feedback | None) -> None:
+        super().__init__()
+        self.block = block
+        self.feedback = feedback
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x.detach())
 
 
 class LearningRule:
@@ -30,7 +73,7 @@ class LearningRule:
     signal: ClassVar[Signal] = "chain"
     learns_feedback: ClassVar[bool] = False
 
-    def __init__(self, *, feedback_init: str = "kaiming_uniform") -> None:
+    def __init__(self, *, feedback_init: FeedbackInit = "kaiming_uniform") -> None:
         self.feedback_init = feedback_init
 
     @property
@@ -40,31 +83,24 @@ class LearningRule:
 
     def prepare(
         self,
-        blocks: nn.ModuleList,
+        blocks: list[nn.Module],
         *,
         indices: Sequence[int],
         num_blocks: int,
         out_shapes: Sequence[tuple[int, ...]],
         num_classes: int,
         seed: int,
-    ) -> nn.ParameterDict:
-        """Adapt ``blocks`` (global indices ``indices``) in place; return direct feedback matrices.
+    ) -> list[nn.Module]:
+        """Adapt ``blocks`` (global indices ``indices`` of ``num_blocks``) for this rule.
 
-        ``out_shapes[i]`` is the per-example output shape of global block ``i``. The returned
-        dict maps ``str(global index)`` to ``B_j`` of shape ``[K, prod(out_shapes[j])]``.
+        Returns the blocks the stage holds (the same objects, or wrappers around them).
+        ``out_shapes[i]`` is the per-example output shape of global block ``i``. Feedback is
+        created on the device of the module it feeds.
         """
-        return nn.ParameterDict()
+        return blocks
 
-    def trainable(self, module: nn.Module) -> bool:
-        """Whether the forward parameters directly owned by ``module`` are trained."""
-        return True
-
-    def after_backward(self, blocks: nn.ModuleList) -> None:
-        """Called once per step after all gradients are accumulated, before the optimizer."""
-
-    def hidden_backward(self, output: torch.Tensor, signal_BK: torch.Tensor, feedback_KD: torch.Tensor) -> None:
-        """Local update of one hidden block of a direct rule (see ``DirectRule``)."""
-        raise TypeError(f"rule {self.name!r} trains by backpropagating through the chain of blocks")
+    def after_backward(self, blocks: nn.Module) -> None:
+        """Chained rules: called once per step after all gradients are accumulated."""
 
 
 def init_feedback_(tensor: torch.Tensor, *, method: str, seed: int) -> torch.Tensor:
@@ -88,11 +124,13 @@ def feedback_seed(seed: int, index: int) -> int:
     return seed_for(seed, index, salt=1)
 
 
-def named_trainable(rule: LearningRule, blocks: nn.Module) -> Iterator[nn.Parameter]:
-    """Forward parameters the rule trains (feedback matrices excluded)."""
-    for module in blocks.modules():
-        if not rule.trainable(module):
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if name != "feedback":
-                yield param
+def forward_parameters(blocks: nn.Module) -> list[nn.Parameter]:
+    """Forward parameters that are trained: every parameter that requires grad outside a
+    :class:`Feedback` (a rule freezes a layer by turning its ``requires_grad`` off)."""
+    in_feedback = {id(p) for m in blocks.modules() if isinstance(m, Feedback) for p in m.parameters()}
+    return [p for p in blocks.parameters() if p.requires_grad and id(p) not in in_feedback]
+
+
+def feedback_parameters(blocks: nn.Module) -> list[nn.Parameter]:
+    """Learned feedback matrices (KP's per-layer ``B``, DKP's ``B_j``), found by type."""
+    return [m.weight for m in blocks.modules() if isinstance(m, Feedback) and m.learned]

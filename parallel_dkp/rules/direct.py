@@ -1,11 +1,11 @@
 """Direct rules: DFA (Nøkland 2016), DKP (the paper) and DRTP (Frenkel et al. 2019).
 
-Every hidden block ``j`` has a dense feedback matrix ``B_j`` of shape ``[K, D_j]``
-(``D_j`` = number of elements of the block's output ``a_j``, after pooling). Its learning
-signal is ``g_j = s · B_j`` reshaped like ``a_j``, where ``s`` is the output error
-``e = (softmax(h) - onehot(y)) / N`` (DFA, DKP) or the targets ``onehot(y) / N`` (DRTP; the
-same ``1/N`` as ``e`` so that learning rates are comparable). The block then backpropagates
-``g_j`` inside itself only: its input was cut from the graph, so no input gradient exists.
+Every hidden block ``j`` is wrapped in a :class:`DirectBlock` that cuts its input from the
+graph and holds a dense feedback matrix ``B_j`` of shape ``[K, D_j]`` (``D_j`` = number of
+elements of the block's output ``a_j``, after pooling). Its learning signal is ``g_j = s · B_j``
+reshaped like ``a_j``, where ``s`` is the output error ``e = (softmax(h) - onehot(y)) / N``
+(DFA, DKP) or the targets ``onehot(y) / N`` (DRTP; the same ``1/N`` as ``e`` so that learning
+rates are comparable). The block then backpropagates ``g_j`` inside itself only.
 
 DKP also learns ``B_j``: ``∇B_j = e^T · a_j`` (paper eq. 7-8, weight decay from the feedback
 optimizer), i.e. ``B_j^T`` is trained as a linear readout from ``a_j`` to the logits. For the
@@ -21,7 +21,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from parallel_dkp.rules.base import LearningRule, feedback_seed, init_feedback_
+from parallel_dkp.models import module_device
+from parallel_dkp.rules.base import DirectBlock, Feedback, LearningRule, feedback_seed
+
+Hidden = list[tuple[DirectBlock, torch.Tensor]]
+"""``(block, a_j)`` for each hidden block of a stage: the output still holds the block's graph."""
 
 
 class DirectRule(LearningRule):
@@ -30,32 +34,47 @@ class DirectRule(LearningRule):
     signal = "error"
 
     def prepare(self, blocks, *, indices: Sequence[int], num_blocks, out_shapes, num_classes, seed):
-        feedback = nn.ParameterDict()
+        wrapped = []
         for index, block in zip(indices, blocks):
-            if index == num_blocks - 1:
-                continue  # the output block always receives the true error
-            device = next(block.parameters()).device
-            matrix = torch.empty(num_classes, math.prod(out_shapes[index]), device=device)
-            init_feedback_(matrix, method=self.feedback_init, seed=feedback_seed(seed, index))
-            feedback[str(index)] = nn.Parameter(matrix, requires_grad=self.learns_feedback)
-        return feedback
+            feedback = None
+            if index < num_blocks - 1:  # the output block always receives the true error
+                feedback = Feedback(
+                    (num_classes, math.prod(out_shapes[index])), learned=self.learns_feedback,
+                    init=self.feedback_init, seed=feedback_seed(seed, index), device=module_device(block),
+                )
+            wrapped.append(DirectBlock(block, feedback))
+        return wrapped
 
-    def hidden_backward(self, output: torch.Tensor, signal_BK: torch.Tensor, feedback_KD: torch.Tensor) -> None:
-        """Backpropagate ``signal_BK · B_j`` through one block; accumulate ``∇B_j`` if learned.
+    @staticmethod
+    def forward(blocks: nn.ModuleList, x: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
+        """Chain with cut inputs; returns the stage output and the hidden blocks' outputs."""
+        hidden: Hidden = []
+        for block in blocks:
+            x = block(x)
+            if block.feedback is not None:
+                hidden.append((block, x))
+        return x, hidden
 
-        ``output`` is the block's output ``a_j`` (``[N, *shape]``, still attached to the
-        block's own graph); ``signal_BK`` is ``[N, K]``; ``feedback_KD`` is ``B_j``.
-        """
-        with torch.no_grad():
-            grad = (signal_BK @ feedback_KD).view_as(output)
-        output.backward(grad)
-        if self.learns_feedback:
+    def hidden_signal(self, *, error_BK: torch.Tensor | None, targets_BK: torch.Tensor) -> torch.Tensor:
+        """What hidden blocks learn from: the output error ``e`` (DFA, DKP)."""
+        assert error_BK is not None
+        return error_BK
+
+    def local_update(self, hidden: Hidden, signal_BK: torch.Tensor) -> None:
+        """Each hidden block backpropagates ``signal_BK · B_j`` inside itself; DKP also
+        accumulates ``∇B_j = signal^T a_j``."""
+        for block, output in hidden:
+            feedback_KD = block.feedback.weight
             with torch.no_grad():
-                grad_B = signal_BK.T @ output.detach().flatten(1)
-                if feedback_KD.grad is None:
-                    feedback_KD.grad = grad_B
-                else:
-                    feedback_KD.grad += grad_B
+                grad = (signal_BK @ feedback_KD).view_as(output)
+            output.backward(grad)
+            if self.learns_feedback:
+                with torch.no_grad():
+                    grad_B = signal_BK.T @ output.detach().flatten(1)
+                    if feedback_KD.grad is None:
+                        feedback_KD.grad = grad_B
+                    else:
+                        feedback_KD.grad += grad_B
 
 
 class DFA(DirectRule):
@@ -76,3 +95,6 @@ class DRTP(DirectRule):
 
     name = "drtp"
     signal = "targets"
+
+    def hidden_signal(self, *, error_BK: torch.Tensor | None, targets_BK: torch.Tensor) -> torch.Tensor:
+        return targets_BK

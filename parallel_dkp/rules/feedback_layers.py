@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel_dkp.rules.base import Feedback
+
 
 class FeedbackLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with ``dL/dx = dL/dy · B`` (B: ``[out, in]``, the shape of W)."""
@@ -60,42 +62,45 @@ class FeedbackConv2dFunction(torch.autograd.Function):
 
 
 class FeedbackLinear(nn.Linear):
-    """``nn.Linear`` with a feedback matrix ``feedback`` (shape of ``weight``) for its backward."""
+    """``nn.Linear`` whose backward uses ``feedback.weight`` (shape of ``weight``) as ``B``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.feedback = nn.Parameter(torch.empty_like(self.weight), requires_grad=False)
+    feedback: Feedback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FeedbackLinearFunction.apply(x, self.weight, self.bias, self.feedback)
+        return FeedbackLinearFunction.apply(x, self.weight, self.bias, self.feedback.weight)
 
 
 class FeedbackConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with a feedback kernel ``feedback`` (shape of ``weight``) for its backward."""
+    """``nn.Conv2d`` whose input gradient uses the kernel ``feedback.weight`` as ``B``."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("FeedbackConv2d supports numeric zero padding only")
-        self.feedback = nn.Parameter(torch.empty_like(self.weight), requires_grad=False)
+    feedback: Feedback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return FeedbackConv2dFunction.apply(
-            x, self.weight, self.bias, self.feedback, self.stride, self.padding, self.dilation, self.groups
+            x, self.weight, self.bias, self.feedback.weight, self.stride, self.padding, self.dilation, self.groups
         )
 
 
-def with_feedback(layer: nn.Module) -> nn.Module:
-    """A feedback twin of an ``nn.Linear``/``nn.Conv2d`` holding the same weight and bias."""
+def with_feedback(layer: nn.Module, feedback: Feedback) -> nn.Module:
+    """A feedback twin of an ``nn.Linear``/``nn.Conv2d``: the same weight and bias, and ``feedback``
+    (which must have the weight's shape) for the backward. No new tensor is allocated."""
+    if tuple(feedback.weight.shape) != tuple(layer.weight.shape):
+        raise ValueError(
+            f"feedback of shape {tuple(feedback.weight.shape)} for a weight of shape {tuple(layer.weight.shape)}"
+        )
+    # The twin is built on the meta device (nothing allocated), then takes the layer's tensors.
     if isinstance(layer, nn.Linear):
-        twin = FeedbackLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        twin = FeedbackLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     elif isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("FA/KP support convolutions with numeric zero padding only")
         twin = FeedbackConv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None, device="meta",
         )
     else:
         raise TypeError(f"no feedback version of {type(layer).__name__}")
     twin.weight = layer.weight
     twin.bias = layer.bias
-    return twin.to(layer.weight.device)
+    twin.feedback = feedback
+    return twin

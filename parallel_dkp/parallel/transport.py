@@ -1,0 +1,78 @@
+"""Rank-to-rank transport of the layer-parallel pipeline: the only place that moves tensors.
+
+A stage talks to its two neighbours (activations forward, P2P) and, for the direct rules, to
+everybody at once (the output error, broadcast from the last stage on a process group of its
+own, so that it never interleaves with the P2P traffic). On a single process every stage is
+both first and last: nothing is sent and ``broadcast_error`` returns no handle.
+
+Shapes are fixed per stage: training micro-batches all have the same size, and evaluation
+batches take their size from the batch every rank reads from its own test loader (so no size
+header, and no host read, is needed).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from parallel_dkp.parallel.distributed import DistContext
+
+
+class Handle(Protocol):
+    def wait(self) -> object: ...
+
+
+class Transport:
+    """Neighbours, receive buffers and the error group of one stage."""
+
+    def __init__(
+        self, ctx: DistContext, *, is_first: bool, is_last: bool, in_shape: tuple[int, ...], timeout_s: float
+    ) -> None:
+        self.ctx = ctx
+        self.device = ctx.device
+        self.in_shape = in_shape
+        self.prev_rank = None if is_first else ctx.rank - 1
+        self.next_rank = None if is_last else ctx.rank + 1
+        self.error_group = None
+        if ctx.distributed:
+            # Collective: every rank builds its transport at the same point of its program.
+            self.error_group = ctx.new_group(timeout_s)
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+        self._sends: list[Handle] = []
+
+    # ---------------------------------------------------------------- activations
+
+    def recv_activation(self, batch: int, slot: int = 0) -> torch.Tensor:
+        """Receive ``[batch, *in_shape]`` from the previous stage into buffer ``slot``.
+
+        A slot is reused by the next step only: micro-batch ``m`` of a step uses slot ``m``,
+        whose previous contents (saved for a backward) were released at the last step's end.
+        """
+        key = (batch, slot)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(batch, *self.in_shape, device=self.device)
+        dist.recv(buffer, self.prev_rank)
+        return buffer
+
+    def send_activation(self, tensor: torch.Tensor) -> None:
+        """Start sending ``tensor`` to the next stage; ``wait_sends`` completes it."""
+        self._sends.append(dist.isend(tensor.detach().contiguous(), self.next_rank))
+
+    def wait_sends(self) -> None:
+        for work in self._sends:
+            work.wait()
+        self._sends.clear()
+
+    def send_blocking(self, tensor: torch.Tensor) -> None:
+        dist.send(tensor.contiguous(), self.next_rank)
+
+    # ---------------------------------------------------------------- the output error
+
+    def broadcast_error(self, error_BK: torch.Tensor) -> Handle | None:
+        """Asynchronous broadcast of ``e`` from the last stage into ``error_BK`` on every rank."""
+        if not self.ctx.distributed:
+            return None
+        return dist.broadcast(error_BK, src=self.ctx.last_rank, group=self.error_group, async_op=True)
