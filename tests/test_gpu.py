@@ -38,3 +38,39 @@ def test_nccl_torchrun_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["world_size"] == nproc
+
+
+@pytest.mark.parametrize("rule", ["bp", "dkp", "drtp"])
+def test_cuda_training_step_never_synchronises(rule):
+    """Pinpoints a host synchronisation inside a CUDA training step: CUDA's own sync debug mode
+    raises on any call that makes the host wait (``.item()``, ``nonzero``, a synchronising copy)."""
+    from parallel_dkp.train import build_job, train_step
+
+    cuda = torch.device("cuda", 0)
+    job = build_job(small_config(rule, extra=["run.device=cuda"]), DistContext(device=cuda))
+    batches = list(job.train_loader)[:3]  # pageable host memory, as the loader gives it
+    train_step(job, *batches[0])  # warm-up: lazy initialisations may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in batches[1:]:
+            train_step(job, x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_phase_timer_uses_events():
+    """Pinpoints phase timing on CUDA that is missing or wrong: with ``run.profile`` the timer
+    records CUDA events and reports positive medians after the steps complete."""
+    from parallel_dkp.parallel.timing import CudaEventTimer
+    from parallel_dkp.train import build_job, train_step
+
+    cuda = torch.device("cuda", 0)
+    job = build_job(small_config("dkp", extra=["run.device=cuda", "run.profile=true"]), DistContext(device=cuda))
+    assert isinstance(job.timer, CudaEventTimer)
+    for x, y in list(job.train_loader)[:4]:
+        job.timer.start_step()
+        train_step(job, x, y)
+        job.timer.end_step()
+    summary = job.timer.summary(skip=1)
+    assert summary["step"] > 0 and summary["forward"] > 0 and summary["update"] > 0

@@ -62,8 +62,15 @@ class Schedule:
             raise ValueError(f"training batches must hold exactly {self.batch_size} examples, got {len(y)}")
         self.stage.train()
         if self.stage.is_first:  # only the first stage reads the inputs
-            x = x.to(self.device, non_blocking=True)
-        return x, y.to(self.device, non_blocking=True)
+            x = self._to_device(x)
+        return x, self._to_device(y)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy a host batch to the stage's device without making the host wait: a copy from
+        pageable memory synchronises with the stream, one from pinned memory does not."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepMetrics:
@@ -72,12 +79,12 @@ class Schedule:
         self.stage.eval()
         metrics = StepMetrics()
         if self.stage.is_first:
-            inputs = x.to(self.device, non_blocking=True)
+            inputs = self._to_device(x)
         else:
             inputs = self.transport.recv_activation(len(y))
         out = self.stage(inputs)
         if self.stage.is_last:
-            metrics.add(out, y.to(self.device, non_blocking=True))
+            metrics.add(out, self._to_device(y))
         else:
             self.transport.send_blocking(out)
         return metrics
