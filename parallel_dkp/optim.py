@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -54,8 +56,12 @@ class Optimizers:
             opt.step()
 
     def epoch_end(self) -> None:
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        with warnings.catch_warnings():
+            # A run resumed exactly at an epoch's end steps its schedulers before any optimizer
+            # step of this process, which torch warns about; the order is right here.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            for scheduler in self.schedulers.values():
+                scheduler.step()
 
     def state_dict(self) -> dict:
         return {

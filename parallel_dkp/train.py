@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import platform
+import shlex
+import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +20,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from parallel_dkp import checkpoint
+from parallel_dkp.checkpoint import Position
 from parallel_dkp.config import Config, dump_config
 from parallel_dkp.data import DatasetInfo, build_loaders
 from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.optim import Optimizers
 from parallel_dkp.parallel.costs import choose_partition
-from parallel_dkp.parallel.distributed import DistContext, distributed, peer_errors
+from parallel_dkp.parallel.distributed import DistContext, StopRequest, distributed, peer_errors
 from parallel_dkp.parallel.metrics import StepMetrics
 from parallel_dkp.parallel.schedules import Schedule, build_schedule
 from parallel_dkp.parallel.stage import Stage
@@ -93,31 +100,61 @@ def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> StepMetrics:
     return metrics
 
 
-def train_one_epoch(job: Job, epoch: int, progress: Progress | None) -> tuple[StepMetrics, float]:
-    """Returns the epoch's sums (last rank) and the wall time of its training steps.
+def train_one_epoch(
+    job: Job, epoch: int, progress: Progress | None, *, position: Position | None = None,
+    stop: StopRequest | None = None, out_dir: Path | None = None,
+) -> tuple[StepMetrics, float, bool]:
+    """Train epoch ``epoch`` from ``position`` on; returns the epoch's sums (last rank), the
+    wall time of its training steps and whether the ranks agreed to stop early.
 
     Loss and accuracy stay on the device; they are read (one host sync) every
-    ``run.log_every`` steps and at the end, where a non-finite loss stops the run.
+    ``run.log_every`` steps and at the end, where a non-finite loss stops the run. With
+    ``out_dir``, a checkpoint is written every ``run.checkpoint_every`` steps and on a stop.
     """
-    total, seconds = StepMetrics(), 0.0
+    position = position or Position(epoch=epoch)
+    total = StepMetrics.restored(position.sums, job.schedule.device)
+    seconds = float(position.sums.get("seconds", 0.0))
     num_steps = len(job.train_loader)
     if job.cfg.run.max_steps:
         num_steps = min(num_steps, job.cfg.run.max_steps)
-    task = progress.add_task(f"epoch {epoch}", total=num_steps, stats="") if progress else None
-    for step, (x, y) in enumerate(job.train_loader):
-        if step >= num_steps:
-            break
+    job.train_loader.set_epoch(epoch - 1)
+    # Resuming mid-epoch: the epoch's batches from the next one on, exactly as uninterrupted.
+    batches = itertools.islice(iter(job.train_loader), position.step, num_steps)
+    task = progress.add_task(f"epoch {epoch}", total=num_steps, completed=position.step, stats="") if progress else None
+    every = job.cfg.run.checkpoint_every
+    for x, y in batches:
+        if stop is not None:
+            stop.start()
         start = time.perf_counter()
         job.timer.start_step()
         total += train_step(job, x, y)
         job.timer.end_step()
         seconds += time.perf_counter() - start
-        if (step + 1) % job.cfg.run.log_every == 0 or step + 1 == num_steps:
-            _log(job, total, epoch, step, progress, task)
+        position.step += 1
+        position.global_step += 1
+        if position.step % job.cfg.run.log_every == 0 or position.step == num_steps:
+            _log(job, total, epoch, position.step, progress, task)
         elif progress is not None:
             progress.update(task, advance=1)
+        stopping = stop is not None and stop.agreed()
+        if out_dir is not None and (stopping or (every and position.global_step % every == 0)):
+            _checkpoint(job, out_dir, position, total, seconds)
+        if stopping:
+            return total, seconds, True
     job.optimizers.epoch_end()
-    return total, seconds
+    return total, seconds, False
+
+
+def _checkpoint(job: Job, out_dir: Path, position: Position, total: StepMetrics | None, seconds: float) -> Path:
+    if total is not None:
+        loss_sum, correct, count = total.read()
+        position.sums = {"loss_sum": loss_sum, "correct": correct, "count": count, "seconds": seconds}
+    else:
+        position.sums = {}
+    return checkpoint.save(
+        out_dir, cfg=job.cfg, ctx=job.ctx, stage=job.stage, optimizers=job.optimizers, partition=job.partition,
+        position=position, keep=job.cfg.run.keep_checkpoints,
+    )
 
 
 def _log(job: Job, total: StepMetrics, epoch: int, step: int, progress: Progress | None, task) -> None:
@@ -133,7 +170,7 @@ def _log(job: Job, total: StepMetrics, epoch: int, step: int, progress: Progress
         )
     if progress is not None:
         stats = f"loss {loss_sum / count:.4f}  acc {correct / count:.2%}"
-        progress.update(task, completed=step + 1, stats=stats)
+        progress.update(task, completed=step, stats=stats)
 
 
 def evaluate(job: Job) -> StepMetrics:
@@ -144,34 +181,60 @@ def evaluate(job: Job) -> StepMetrics:
     return total
 
 
-def train(cfg: Config, *, console: Console | None = None) -> list[dict]:
+class RunInterrupted(Exception):
+    """Training stopped on request (SIGTERM, SIGINT) at a step boundary, after a checkpoint."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process ended by that signal."""
+        number = getattr(signal.Signals, self.signal_name, None)
+        return 128 + int(number) if number is not None else 1
+
+
+def train(cfg: Config, *, console: Console | None = None, resume: bool | None = None) -> list[dict]:
     """Train with ``cfg`` on this process (and its peers, when launched distributed).
 
+    ``resume``: ``True`` continues from the newest checkpoint in ``run.out_dir`` (an error if
+    there is none); ``None`` (the default) does so when one exists for the same config;
+    ``False`` starts over, discarding the folder's old checkpoints.
+
     Returns the per-epoch metrics on the rank that owns the loss, ``[]`` elsewhere.
+    Raises :class:`RunInterrupted` after a requested stop (its checkpoint is written).
     """
     console = console or Console(stderr=True)
     with distributed(cfg.parallel, cfg.run) as ctx:
-        return _train(cfg, ctx, console)
+        return _train(cfg, ctx, console, resume)
 
 
-def _train(cfg: Config, ctx: DistContext, console: Console) -> list[dict]:
-    job = build_job(cfg, ctx)
+def _train(cfg: Config, ctx: DistContext, console: Console, resume: bool | None) -> list[dict]:
     out_dir = Path(cfg.run.out_dir)
+    found = ctx.broadcast_object(_checkpoint_to_resume(cfg, out_dir, resume, console if ctx.is_last else None))
+    job = build_job(cfg, ctx)
+    position = Position()
+    if found is not None:
+        position = checkpoint.load(Path(found), stage=job.stage, optimizers=job.optimizers, device=ctx.device)
     reporter = ctx.is_last
+    history = _start_metrics(out_dir, cfg, position) if reporter else []
     if reporter:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out_dir / "config.toml")
-        (out_dir / "metrics.jsonl").write_text("")
+        resumed = f" resumed from {found} (epoch {position.epoch}, step {position.step})" if found else ""
         console.print(
             f"[bold]parallel-dkp[/] rule={cfg.rule.name} model={cfg.model.name} data={cfg.data.name} "
             f"world_size={ctx.world_size} partition={[len(r) for r in job.partition]} "
-            f"microbatches={cfg.parallel.microbatches} device={ctx.device}"
+            f"microbatches={cfg.parallel.microbatches} device={ctx.device}{resumed}"
         )
-    history = []
+    if reporter and position.epoch > cfg.run.epochs:
+        console.print(f"this run already finished its {cfg.run.epochs} epoch(s); raise run.epochs to train on")
     progress = _progress(console) if reporter and cfg.run.progress else None
-    with progress or contextlib.nullcontext():
-        for epoch in range(1, cfg.run.epochs + 1):
-            train_sums, seconds = train_one_epoch(job, epoch, progress)
+    with StopRequest(ctx, cfg.parallel.timeout_s) as stop, progress or contextlib.nullcontext():
+        for epoch in range(position.epoch, cfg.run.epochs + 1):
+            train_sums, seconds, stopped = train_one_epoch(
+                job, epoch, progress, position=position, stop=stop, out_dir=out_dir)
+            if stopped:
+                raise RunInterrupted(_stop_message(cfg, position, out_dir), stop.signal_name or "SIGTERM")
             test_sums = evaluate(job)
             if reporter:
                 row = _metrics_row(cfg, epoch, train_sums, test_sums, seconds, ctx.world_size)
@@ -182,8 +245,61 @@ def _train(cfg: Config, ctx: DistContext, console: Console) -> list[dict]:
                     f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
                     f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | {seconds:.1f}s"
                 )
+            position = Position(epoch=epoch + 1, step=0, global_step=position.global_step)
+            _checkpoint(job, out_dir, position, None, 0.0)  # the last one is the final model
     _report_phases(job, console, out_dir)
     return history
+
+
+def _checkpoint_to_resume(cfg: Config, out_dir: Path, resume: bool | None, console: Console | None) -> str | None:
+    """The checkpoint this run continues from (decided by one rank, shared with all)."""
+    newest = checkpoint.latest(out_dir)
+    if resume is False:
+        if newest is not None:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            if console is not None:
+                console.print(f"starting over: removed the old checkpoints in {out_dir / 'checkpoints'}")
+        return None
+    if newest is None:
+        if resume:
+            raise FileNotFoundError(
+                f"--resume: {out_dir} holds no complete checkpoint (looked for {out_dir}/checkpoints/step-*/"
+                f"{checkpoint.MANIFEST}); drop --resume to start a new run there"
+            )
+        return None
+    differences = checkpoint.config_differences(checkpoint.read_manifest(newest)["config"], cfg)
+    if differences:
+        raise ValueError(
+            f"run.out_dir {out_dir} holds a checkpoint of a different run ({'; '.join(differences[:4])}); "
+            "set another run.out_dir, or pass --no-resume to discard it and start over there"
+        )
+    return str(newest)
+
+
+def _start_metrics(out_dir: Path, cfg: Config, position: Position) -> list[dict]:
+    """Write the resolved config; keep the metrics rows of the epochs already done (resuming)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.toml")
+    path = out_dir / "metrics.jsonl"
+    rows = []
+    if position.epoch > 1 and path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [row for row in rows if row["epoch"] < position.epoch]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def _stop_message(cfg: Config, position: Position, out_dir: Path) -> str:
+    if Path(sys.argv[0]).name in ("parallel-dkp", "__main__.py"):  # the command line (or torchrun -m)
+        command = " ".join(shlex.quote(a) for a in ["parallel-dkp", *sys.argv[1:]])
+        command += "" if "--resume" in sys.argv else " --resume"
+    else:
+        command = "train(cfg, resume=True)"
+    return (
+        f"stopped at epoch {position.epoch}, step {position.step} (global step {position.global_step}); "
+        f"checkpoint written to {out_dir / 'checkpoints'}. Resume with: {command} "
+        "(under torchrun, relaunch the same torchrun command: it resumes from run.out_dir)"
+    )
 
 
 def _metrics_row(cfg: Config, epoch: int, train: StepMetrics, test: StepMetrics, seconds: float,

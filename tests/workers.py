@@ -66,3 +66,29 @@ def die_after_one_step(rank: int, world_size: int, out_dir: str, rule: str):
         record = {"type": None, "message": "no error", "seconds": time.perf_counter() - start}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     os._exit(0)
+
+
+def train_until_signal(rank: int, world_size: int, out_dir: str, overrides: list[str], signal_rank: int | None,
+                       signal_at: int | None):
+    """``parallel_dkp.train.train`` with a real SIGTERM sent to rank ``signal_rank`` by itself after
+    its ``signal_at``-th step; writes ``rank{r}.json`` saying how the run ended."""
+    import signal as signals
+
+    import parallel_dkp.train as train_module
+
+    real_step, done = train_module.train_step, [0]
+
+    def step_then_signal(job, x, y):
+        result = real_step(job, x, y)
+        done[0] += 1
+        if rank == signal_rank and done[0] == signal_at:
+            os.kill(os.getpid(), signals.SIGTERM)
+        return result
+
+    train_module.train_step = step_then_signal
+    try:
+        train_module.train(load_config(None, [*overrides, f"run.out_dir={out_dir}"]))
+        record = {"ended": "finished"}
+    except train_module.RunInterrupted as err:
+        record = {"ended": "interrupted", "signal": err.signal_name, "message": str(err), "code": err.exit_code}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -157,3 +159,56 @@ def distributed(parallel: ParallelConfig, run: RunConfig):
 def _destroy(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (pre-emption, Ctrl-C) turned into a stop that every rank agrees on.
+
+    The signal handler only sets a flag. At each step boundary the ranks combine their flags
+    with an all-reduce on a CPU (gloo) group of its own, started before the step and read after
+    it, so it overlaps the step and never waits on a GPU queue; every rank therefore sees the
+    same answer after the same step. A second Ctrl-C interrupts at once, as usual.
+    """
+
+    def __init__(self, ctx: DistContext, timeout_s: float) -> None:
+        self.ctx = ctx
+        self.signal_name: str | None = None
+        self._group = None
+        if ctx.distributed:
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self._pending = None
+        self._flag = torch.zeros(1)
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.signal_name = signal.Signals(signum).name
+
+    def request(self, name: str = "request") -> None:
+        """Ask for a stop from code (tests, callbacks), as a signal would."""
+        self.signal_name = self.signal_name or name
+
+    def start(self) -> None:
+        """Contribute this rank's flag (before a step)."""
+        self._flag.fill_(1.0 if self.signal_name else 0.0)
+        if self._group is not None:
+            self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+
+    def agreed(self) -> bool:
+        """Whether any rank asked to stop before this step (after it)."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+        return bool(self._flag.item())  # a CPU tensor: no device is waited for

@@ -19,6 +19,16 @@ class StepMetrics:
         self.correct: torch.Tensor | None = None
         self.count = 0
 
+    @classmethod
+    def restored(cls, sums: dict, device: torch.device) -> "StepMetrics":
+        """Sums saved by ``read`` (e.g. in a checkpoint), back on ``device``; empty if none."""
+        metrics = cls()
+        if sums.get("count"):
+            metrics.loss_sum = torch.tensor(float(sums["loss_sum"]), dtype=torch.float64, device=device)
+            metrics.correct = torch.tensor(int(sums["correct"]), dtype=torch.long, device=device)
+            metrics.count = int(sums["count"])
+        return metrics
+
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         with torch.no_grad():
             loss = F.cross_entropy(logits.float(), targets, reduction="sum")

@@ -63,6 +63,30 @@ class Stage(nn.Module):
                 state[f"blocks.{index}.{key}"] = value
         return state
 
+    def load_global_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load this stage's blocks from globally keyed ``state`` (it may hold other blocks too).
+
+        Raises ``ValueError`` naming the keys this stage needs but ``state`` lacks.
+        """
+        for index, block in zip(self.indices, self.blocks):
+            prefix = f"blocks.{index}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            missing = sorted(set(block.state_dict()) - set(own))
+            if missing:
+                raise ValueError(
+                    f"the checkpoint has no {prefix}{missing[0]} (and {len(missing) - 1} more keys of block "
+                    f"{index}); it was written for another model or rule"
+                )
+            block.load_state_dict(own)
+
+    def global_parameter_names(self) -> dict[int, str]:
+        """``id(parameter) → "blocks.{global index}.…"`` for every parameter of the stage."""
+        names = {}
+        for index, block in zip(self.indices, self.blocks):
+            for name, param in block.named_parameters():
+                names[id(param)] = f"blocks.{index}.{name}"
+        return names
+
     def forward_parameters(self) -> list[nn.Parameter]:
         """Forward parameters this rule trains (frozen layers of bp_fc_only excluded)."""
         return forward_parameters(self.blocks)

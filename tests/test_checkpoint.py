@@ -1,0 +1,127 @@
+"""Checkpoints: exact resume after a stop, on one process and two ranks, and across partitions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from multirank import spawn
+from workers import train_until_signal
+
+from parallel_dkp import checkpoint
+from parallel_dkp.config import load_config
+from parallel_dkp.train import train
+
+RUN = [
+    "rule.name=dkp", "model.name=conv2", "data.name=synthetic", "data.synthetic_shape=[1, 8, 8]",
+    "data.synthetic_size=96", "data.batch_size=16", "parallel.microbatches=2", "run.progress=false",
+    "run.epochs=3", "run.checkpoint_every=4", "optim.feedback.lr=0.01", "parallel.timeout_s=60",
+    "optim.feedback.scheduler=step",  # the schedulers' state must survive too
+]
+
+
+def _final_state(out_dir: Path) -> dict[str, torch.Tensor]:
+    """Every block's tensors from the newest checkpoint, whatever partition wrote it."""
+    newest = checkpoint.latest(out_dir)
+    state = {}
+    for name in checkpoint.read_manifest(newest)["shards"]:
+        state.update(torch.load(newest / name, weights_only=False)["model"])
+    return state
+
+
+def _metrics(out_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("train_seconds")  # wall time is the one thing allowed to differ
+        row.pop("world_size")
+    return rows
+
+
+def _assert_same_run(got: Path, want: Path, *, exact: bool = True) -> None:
+    """Same metrics and final tensors; bit for bit when both ran on one layout (``exact``), to
+    float tolerance across layouts (ranks sum micro-batch terms in another order)."""
+    got_rows, want_rows = _metrics(got), _metrics(want)
+    if exact:
+        assert got_rows == want_rows
+    else:
+        assert [r.keys() for r in got_rows] == [r.keys() for r in want_rows]
+        for g, w in zip(got_rows, want_rows):
+            assert g == pytest.approx(w, rel=1e-5)
+    got_state, want_state = _final_state(got), _final_state(want)
+    assert sorted(got_state) == sorted(want_state)
+    tolerance = {"rtol": 0, "atol": 0} if exact else {}
+    for key, value in want_state.items():
+        torch.testing.assert_close(got_state[key], value, **tolerance, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(load_config(None, [*RUN, f"run.out_dir={out}"]))
+    return out
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    """Pinpoints a resume that is not exact: stopped by a real SIGTERM mid-epoch (it arrives
+    after step 7 of 18; the flag is agreed on during step 8, so the run stops after step 8,
+    between two periodic checkpoints), then resumed, a run must end with bit-identical
+    parameters, BN statistics, feedback, and the same metrics.jsonl as the uninterrupted run."""
+    train_until_signal(0, 1, str(tmp_path), RUN, signal_rank=0, signal_at=7)
+    record = json.loads((tmp_path / "rank0.json").read_text())
+    assert record["ended"] == "interrupted" and record["signal"] == "SIGTERM" and record["code"] == 143
+    assert "epoch 2, step 2 " in record["message"] and "--resume" in record["message"]
+    assert checkpoint.read_manifest(checkpoint.latest(tmp_path))["global_step"] == 8
+    train_until_signal(0, 1, str(tmp_path), RUN, signal_rank=None, signal_at=None)
+    assert json.loads((tmp_path / "rank0.json").read_text())["ended"] == "finished"
+    _assert_same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.multirank
+def test_two_ranks_stop_together_and_resume_on_one_process(tmp_path, uninterrupted):
+    """Pinpoints ranks that disagree on where to stop, shards that do not load into another
+    partition, or a 2-rank resume that is not exact: a SIGTERM reaches rank 0 only; both ranks
+    must stop after the same step and write one complete checkpoint; resuming that 2-rank
+    checkpoint on 2 ranks, and separately on a single process, must end like the uninterrupted
+    single-process run."""
+    spawn(train_until_signal, 2, str(tmp_path), [*RUN, "parallel.partition=[2, 2]"], 0, 5, timeout=240)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["ended"] for r in records] == ["interrupted", "interrupted"], records
+    manifest = checkpoint.read_manifest(checkpoint.latest(tmp_path))
+    assert manifest["world_size"] == 2 and manifest["partition"] == [[0, 2], [2, 4]]
+    stopped_at = manifest["global_step"]
+    assert stopped_at >= 5
+
+    on_one = tmp_path / "on_one_process"  # a copy of the stopped run, resumed on 1 process
+    shutil.copytree(tmp_path / "checkpoints", on_one / "checkpoints")
+    shutil.copy(tmp_path / "metrics.jsonl", on_one / "metrics.jsonl")
+    train_until_signal(0, 1, str(on_one), RUN, signal_rank=None, signal_at=None)
+    _assert_same_run(on_one, uninterrupted, exact=False)
+
+    spawn(train_until_signal, 2, str(tmp_path), [*RUN, "parallel.partition=[2, 2]"], None, None, timeout=240)
+    _assert_same_run(tmp_path, uninterrupted, exact=False)
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, uninterrupted):
+    """Pinpoints two different runs pointed at one folder silently mixing: the second must fail
+    before training, naming the differing key and the ways out."""
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(ValueError, match=r"optim\.forward\.lr.*--no-resume"):
+        train(load_config(None, [*RUN, f"run.out_dir={tmp_path}", "optim.forward.lr=0.1"]))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(load_config(None, [*RUN, f"run.out_dir={tmp_path / 'empty'}"]), resume=True)
+
+
+def test_keeps_the_newest_checkpoints_and_ignores_incomplete_ones(tmp_path, uninterrupted):
+    """Pinpoints unbounded checkpoint growth, or an incomplete checkpoint (no manifest, as after
+    a crash mid-write) being resumed from."""
+    complete = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert len(complete) == 2  # run.keep_checkpoints = 2
+    assert complete[-1] == "step-00000018"  # the final model: epoch 3's end
+    (uninterrupted / "checkpoints" / "step-00000099").mkdir()
+    try:
+        assert checkpoint.latest(uninterrupted).name == "step-00000018"
+    finally:
+        (uninterrupted / "checkpoints" / "step-00000099").rmdir()
