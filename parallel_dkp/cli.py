@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 
 from parallel_dkp.config import Config, load_config
+from parallel_dkp.plan import add_subparser as add_plan_subparser
+from parallel_dkp.plan import run_plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +30,16 @@ def _parser() -> argparse.ArgumentParser:
         "--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set rule.name=dfa --set run.epochs=3 (repeatable)",
     )
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", default=None,
+        help="continue from the newest checkpoint in run.out_dir (an error if there is none); without "
+             "this flag a run resumes anyway when run.out_dir holds a checkpoint of the same config",
+    )
+    resume.add_argument(
+        "--no-resume", dest="resume", action="store_false",
+        help="start over in run.out_dir, discarding its old checkpoints",
+    )
     bench = sub.add_parser(
         "bench",
         help="time training steps of several rules side by side (one process, or under torchrun)",
@@ -40,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20, help="timed steps per rule (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per rule first (default 3)")
     bench.add_argument("--out", help="write the full result (all samples, machine) as JSON here")
+    add_plan_subparser(sub)
     return parser
 
 
@@ -65,26 +79,38 @@ def _bench(args, cfg, console: Console) -> None:
                 write_bench(result, args.out)
 
 
+def _owns_the_loss() -> bool:
+    """The last rank reports (a plain process is its own last rank)."""
+    return int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=True)
+    # soft_wrap: long lines (paths, the resume command) stay whole, so they can be copied
+    console = Console(stderr=True, soft_wrap=True)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[bold red]config error:[/] {escape(str(err))}")
         return 2
+    if args.command == "plan":  # before the imports below: plan reads no data and starts nothing
+        return run_plan(args, cfg, console)
 
     from parallel_dkp.parallel.distributed import PeerFailure
-    from parallel_dkp.train import train
+    from parallel_dkp.train import RunInterrupted, train
 
     try:
         if args.command == "train":
-            train(cfg, console=console)
+            train(cfg, console=console, resume=args.resume)
         elif args.command == "bench":
             _bench(args, cfg, console)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
+    except RunInterrupted as err:
+        if _owns_the_loss():
+            console.print(f"[bold yellow]{err.signal_name}:[/] {escape(str(err))}")
+        return err.exit_code
     except PeerFailure as err:
         console.print(f"[bold red]peer failure:[/] {escape(str(err))}")
         return 3

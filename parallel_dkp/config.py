@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
@@ -57,6 +59,11 @@ class RunConfig:
     profile: bool = False
     """Time every phase of every step (forward, update, wait, send, optimizer) per rank, with
     CUDA events on GPUs, and write ``phases.json``. Off by default: it costs a little."""
+    checkpoint_every: int = 0
+    """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
+    writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""
+    keep_checkpoints: int = 2
+    """How many of the newest complete checkpoints to keep (the final model is kept apart)."""
 
 
 @dataclass(frozen=True)
@@ -172,29 +179,41 @@ class Config:
             opt: OptimizerConfig = getattr(self.optim, side)
             _one_of(f"optim.{side}.name", opt.name, ("sgd", "adam"))
             _one_of(f"optim.{side}.scheduler", opt.scheduler, ("none", "step"))
-            if opt.lr < 0:
-                raise ValueError(f"optim.{side}.lr must be >= 0, got {opt.lr}")
-        if self.data.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.data.batch_size}")
+            _check_optimizer(f"optim.{side}", opt, default=getattr(OptimConfig(), side))
+        _at_least("data.batch_size", self.data.batch_size, 1, "examples per training step", 128)
         if self.parallel.microbatches < 1 or self.data.batch_size % self.parallel.microbatches:
             raise ValueError(
                 f"data.batch_size ({self.data.batch_size}) must be a positive multiple of "
                 f"parallel.microbatches ({self.parallel.microbatches}); change one of them"
             )
         if self.run.log_every < 1:
-            raise ValueError(f"run.log_every must be >= 1 (steps between metric reads), got {self.run.log_every}")
+            raise ValueError(
+                f"run.log_every must be >= 1 (steps between metric reads), got {self.run.log_every}; "
+                "set e.g. run.log_every=50"
+            )
+        if self.run.checkpoint_every < 0:
+            raise ValueError(
+                f"run.checkpoint_every must be >= 0 (0 = a checkpoint at each epoch end only), "
+                f"got {self.run.checkpoint_every}"
+            )
+        if self.run.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}")
         if self.rule.name == "bp_fc_only" and self.model.name == "mlp":
             raise ValueError(
                 "rule.name = 'bp_fc_only' freezes convolutions, but model.name = 'mlp' has none (it would "
                 "equal bp); use rule.name=bp, or a convolutional model (conv2, alexnet, alexnet_small)"
             )
-        if self.run.epochs < 1:
-            raise ValueError(f"run.epochs must be >= 1, got {self.run.epochs}")
+        _at_least("run.epochs", self.run.epochs, 1, "an epoch is one pass over the training set", 1)
         if any(n < 1 for n in self.parallel.partition):
             raise ValueError(
                 f"parallel.partition {list(self.parallel.partition)} has a rank with no block; "
-                "every rank needs at least one block"
+                "every rank needs at least one block; remove the 0 or set parallel.partition=[] to balance by cost"
             )
+        _check_run(self.run)
+        _check_model(self.model)
+        _check_data(self.data)
+        _check_input_fits_model(self.data, self.model)
+        _check_timeout(self.parallel.timeout_s)
         return self
 
 
@@ -205,6 +224,161 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}{did_you_mean}")
 
 
+# Every check below runs in ``load_config``, before any process group, dataset or network
+# exists, so a bad value fails at once, on every rank, naming the key, the value and the fix.
+# Types and unknown keys are already rejected by ``from_dict``.
+
+
+def _at_least(key: str, value: int, low: int, meaning: str, example: Any) -> None:
+    if value < low:
+        raise ValueError(f"{key} = {value} must be >= {low} ({meaning}); set e.g. {key}={example}")
+
+
+def _finite(key: str, value: float, example: Any) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{key} = {value} must be a finite number; set e.g. {key}={example}")
+
+
+def _check_optimizer(key: str, opt: OptimizerConfig, default: OptimizerConfig) -> None:
+    """Values torch would reject late (or accept and train nothing with) for ``optim.forward|feedback``."""
+    for name in ("lr", "momentum", "weight_decay", "gamma"):
+        _finite(f"{key}.{name}", getattr(opt, name), getattr(default, name))
+    if opt.lr <= 0:
+        fixed = " (rules with fixed or no feedback ignore it, so any positive value will do)"
+        fixed = fixed if key.endswith("feedback") else ""
+        raise ValueError(
+            f"{key}.lr = {opt.lr} must be > 0 (0 trains nothing, a negative rate climbs the loss); "
+            f"set e.g. {key}.lr={default.lr}{fixed}"
+        )
+    if not 0 <= opt.momentum < 1:
+        raise ValueError(
+            f"{key}.momentum = {opt.momentum} must be in [0, 1) (0 = plain SGD; at 1 or more the velocity "
+            f"never decays); set e.g. {key}.momentum={default.momentum}"
+        )
+    if opt.weight_decay < 0:
+        raise ValueError(
+            f"{key}.weight_decay = {opt.weight_decay} must be >= 0 (0 = none); set e.g. "
+            f"{key}.weight_decay={default.weight_decay}"
+        )
+    if len(opt.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in opt.betas):
+        raise ValueError(
+            f"{key}.betas = {list(opt.betas)} must be exactly two numbers in [0, 1) (Adam's decay rates of "
+            f"the gradient mean and variance); set e.g. {key}.betas=[0.9, 0.999]"
+        )
+    _at_least(f"{key}.step_size", opt.step_size, 1, "epochs between two learning-rate decays", 1)
+    if opt.gamma <= 0:
+        raise ValueError(
+            f"{key}.gamma = {opt.gamma} must be > 0 (StepLR multiplies the rate by it every step_size "
+            f"epochs, usually a value in (0, 1]); set e.g. {key}.gamma=0.85, or {key}.scheduler=none"
+        )
+
+
+def _check_run(run: RunConfig) -> None:
+    _at_least("run.seed", run.seed, 0, "seeds are non-negative", 0)
+    _at_least("run.max_steps", run.max_steps, 0, "0 = the whole epoch, N = stop each epoch after N steps", 0)
+
+
+def _check_model(model: ModelConfig) -> None:
+    bad = [i for i, width in enumerate(model.widths) if width < 1]
+    if bad:
+        raise ValueError(
+            f"model.widths = {list(model.widths)} has width {model.widths[bad[0]]} at index {bad[0]}; every "
+            "hidden width must be >= 1; set e.g. model.widths=[256, 256]"
+        )
+    if model.name == "mlp" and not model.widths:
+        raise ValueError("model.widths = [] is empty, but model.name = 'mlp' needs at least one hidden width; "
+                         "set e.g. model.widths=[256, 256]")
+
+
+def _check_data(data: DataConfig) -> None:
+    _at_least("data.train_limit", data.train_limit, 0, "0 = all training examples", 0)
+    _at_least("data.test_limit", data.test_limit, 0, "0 = all test examples", 0)
+    _at_least("data.num_workers", data.num_workers, 0, "0 = load in the main process", 0)
+    _at_least("data.image_size", data.image_size, 0, "0 = the native size", 0)
+    _at_least("data.synthetic_size", data.synthetic_size, 1, "number of synthetic training examples", 512)
+    _at_least("data.synthetic_classes", data.synthetic_classes, 2, "a classifier needs two classes", 10)
+    if not data.synthetic_shape or any(d < 1 for d in data.synthetic_shape):
+        raise ValueError(
+            f"data.synthetic_shape = {list(data.synthetic_shape)} must be one or more sizes >= 1; "
+            "set e.g. data.synthetic_shape=[1, 28, 28] (an image) or [64] (a vector)"
+        )
+    train_size = data.synthetic_size if data.name == "synthetic" else 0
+    if data.train_limit:
+        train_size = min(train_size, data.train_limit) if train_size else data.train_limit
+    if 0 < train_size < data.batch_size:
+        which = "data.train_limit" if train_size == data.train_limit else "data.synthetic_size"
+        raise ValueError(
+            f"{which} = {train_size} is smaller than data.batch_size = {data.batch_size}, so not one full "
+            f"training batch can be formed; raise {which} or lower data.batch_size"
+        )
+
+
+# (C, H, W) of each dataset's examples at its native size; image folders vary.
+_NATIVE_SHAPES = {
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "tiny_imagenet": (3, 64, 64),
+}
+
+
+def _check_input_fits_model(data: DataConfig, model: ModelConfig) -> None:
+    """Reject inputs the model cannot take, where the config alone fixes the input's shape."""
+    if data.name == "synthetic":
+        shape, source = tuple(data.synthetic_shape), f"data.synthetic_shape = {list(data.synthetic_shape)}"
+        if len(shape) != 3 and (data.image_size or data.augment):
+            key = "data.image_size" if data.image_size else "data.augment"
+            raise ValueError(
+                f"{key} needs images (C, H, W), but {source} is not one; set {key}="
+                f"{0 if data.image_size else 'false'} or a shape like data.synthetic_shape=[1, 28, 28]"
+            )
+    elif data.name in _NATIVE_SHAPES:
+        shape, source = _NATIVE_SHAPES[data.name], f"data.name = {data.name!r}"
+    else:
+        shape, source = None, ""
+    if data.image_size:
+        shape = (shape[0] if shape else 3, data.image_size, data.image_size)
+        source = f"data.image_size = {data.image_size}"
+    if shape is None or model.name == "mlp":  # an image folder at its own size; mlp takes any shape
+        return
+    if len(shape) != 3:
+        raise ValueError(
+            f"model.name = {model.name!r} needs images (C, H, W), but {source} is not one; set e.g. "
+            "data.synthetic_shape=[1, 28, 28], or model.name=mlp"
+        )
+    h, w = shape[1], shape[2]
+    size_key = source.split(" = ")[0]
+    if model.name == "conv2" and (h < 2 or w < 2):
+        raise ValueError(
+            f"model.name = 'conv2' max-pools by 2, so images must be at least 2x2, but {source} gives "
+            f"{h}x{w}; set a larger {size_key}"
+        )
+    if model.name == "alexnet_small" and (h % 8 or w % 8):
+        raise ValueError(
+            f"model.name = 'alexnet_small' max-pools three times by 2, so image sides must be multiples of 8, "
+            f"but {source} gives {h}x{w}; set data.image_size=32 (or 64), or model.name=conv2"
+        )
+    if model.name == "alexnet" and (h, w) != (224, 224):
+        raise ValueError(
+            f"model.name = 'alexnet' needs 224x224 images, but {source} gives {h}x{w}; set "
+            "data.image_size=224, or use model.name=alexnet_small for 32x32/64x64 images"
+        )
+
+
+def _check_timeout(timeout_s: float) -> None:
+    ok = math.isfinite(timeout_s) and timeout_s > 0
+    if ok:
+        try:
+            timedelta(seconds=timeout_s)
+        except OverflowError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"parallel.timeout_s = {timeout_s} must be a positive number of seconds (how long a collective "
+            "waits for a peer before the run fails); set e.g. parallel.timeout_s=300"
+        )
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -213,6 +387,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(p.name for p in path.glob("*.toml"))[:5]
+            holds = f" (it holds {', '.join(inside)})" if inside else ""
+            raise ValueError(
+                f"config file {str(path)!r} is a directory, not a TOML file{holds}; "
+                "pass a file such as configs/default.toml"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist; see configs/ for examples")
         with path.open("rb") as f:

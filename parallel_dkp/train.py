@@ -205,7 +205,7 @@ def train(cfg: Config, *, console: Console | None = None, resume: bool | None = 
     Returns the per-epoch metrics on the rank that owns the loss, ``[]`` elsewhere.
     Raises :class:`RunInterrupted` after a requested stop (its checkpoint is written).
     """
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     with distributed(cfg.parallel, cfg.run) as ctx:
         return _train(cfg, ctx, console, resume)
 

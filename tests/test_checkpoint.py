@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from multirank import spawn
+from multirank import free_port, spawn
 from workers import train_until_signal
 
 from parallel_dkp import checkpoint
@@ -125,3 +130,54 @@ def test_keeps_the_newest_checkpoints_and_ignores_incomplete_ones(tmp_path, unin
         assert checkpoint.latest(uninterrupted).name == "step-00000018"
     finally:
         (uninterrupted / "checkpoints" / "step-00000099").rmdir()
+
+
+def _torchrun(*args, env=None, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
+                               # what the launchers set: see launch/torchrun.sh (pytorch#135712)
+                               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+
+
+@pytest.mark.multirank
+def test_killed_rank_restarts_and_resumes_from_the_last_checkpoint(tmp_path, uninterrupted):
+    """Pinpoints a SIGKILLed rank costing the run: under ``torchrun --max-restarts=1`` the job
+    restarts, resumes from the last complete checkpoint, and ends as the uninterrupted run."""
+    sets = [arg for item in [*RUN, "parallel.partition=[2, 2]", f"run.out_dir={tmp_path / 'run'}"]
+            for arg in ("--set", item)]
+    marker = tmp_path / "killed.txt"
+    proc = _torchrun("--max-restarts", "1", str(Path(__file__).parent / "fault_worker.py"), "train", *sets,
+                     env={"FAULT_RANK": "1", "FAULT_STEP": "10", "FAULT_MARKER": str(marker)})
+    assert marker.is_file(), "the fault was never injected"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step-00000008" in proc.stderr, proc.stderr[-3000:]
+    _assert_same_run(tmp_path / "run", uninterrupted, exact=False)
+
+
+@pytest.mark.multirank
+def test_sigterm_to_torchrun_stops_cleanly_with_the_resume_command(tmp_path):
+    """Pinpoints a pre-emption that loses the run or dumps tracebacks: SIGTERM to torchrun (what
+    slurm sends) must end every rank at a step boundary with a checkpoint, one line naming where
+    it stopped and how to resume, a non-zero exit and no traceback."""
+    out = tmp_path / "run"
+    sets = [arg for item in [*RUN, "data.synthetic_size=4000", "run.epochs=1", f"run.out_dir={out}"]
+            for arg in ("--set", item)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "parallel_dkp", "train",
+           *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while checkpoint.latest(out) is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # the run is under way once its first periodic checkpoint exists
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    # torchrun's own agent prints a SignalException traceback when it is sent SIGTERM (torch's
+    # behaviour, outside our processes); none may come from a rank.
+    assert "parallel_dkp/" not in stderr and "PeerFailure" not in stderr, stderr[-3000:]
+    assert stderr.count("Resume with:") == 1, stderr[-3000:]
+    manifest = checkpoint.read_manifest(checkpoint.latest(out))
+    assert 0 < manifest["global_step"] < 250 and manifest["position"]["step"] == manifest["global_step"]

@@ -253,32 +253,109 @@ def _stub(path: Path, body: str) -> Path:
     return path
 
 
-def test_torchrun_sh_uses_one_rank_per_visible_gpu(tmp_path):
-    """Pinpoints launch/torchrun.sh miscounting ranks (default: GPUs torch sees; NPROC overrides),
-    dropping the train arguments, or starting a job on a machine without GPUs."""
-    # A stand-in for $PYTHON: answers the GPU count probe, echoes the torchrun command otherwise.
-    fake = _stub(tmp_path / "python", 'if [[ "$1" == "-c" ]]; then echo "$FAKE_GPUS"; else echo "$@"; fi\n')
-    args = ["--set", "rule.name=dkp"]
+def _fake_python(tmp_path: Path) -> Path:
+    """A stand-in for $PYTHON: answers the GPU count probe with $FAKE_GPUS, runs the real
+    `python -m parallel_dkp plan` (so the rank limit is the real model's), and echoes any other
+    command (the torchrun line) instead of running it."""
+    return _stub(tmp_path / "python", 'if [[ "$1" == "-c" ]]; then echo "$FAKE_GPUS"\n'
+                                      'elif [[ "$1 $2 ${3:-}" == "-m parallel_dkp plan" ]]; then\n'
+                                      '    exec "$REAL_PYTHON" "$@"\n'
+                                      'else echo "$@"; fi\n')
 
-    four = run(["bash", "launch/torchrun.sh", *args], timeout=30, env={"PYTHON": str(fake), "FAKE_GPUS": "4"})
+
+def _launch(script: str, args, fake: Path, **env) -> subprocess.CompletedProcess:
+    return run(["bash", script, *args], timeout=60, env={"PYTHON": str(fake), "REAL_PYTHON": sys.executable, **env})
+
+
+def test_torchrun_sh_uses_one_rank_per_visible_gpu(tmp_path):
+    """Pinpoints launch/torchrun.sh miscounting ranks when the GPUs fit the model (default: GPUs
+    torch sees; NPROC overrides), dropping the train arguments, or starting a job on a machine
+    without GPUs."""
+    fake = _fake_python(tmp_path)
+    args = ["--set", "rule.name=dkp"]  # conv2, 4 blocks
+
+    four = _launch("launch/torchrun.sh", args, fake, FAKE_GPUS="4")
     assert four.returncode == 0, tail(four)
     assert four.stdout.split() == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                                   "-m", "parallel_dkp", "train", *args], four.stdout
+                                   "--max-restarts", "0", "-m", "parallel_dkp", "train", *args], four.stdout
+    assert "idle" not in four.stderr, tail(four)  # nothing capped, nothing to say
 
-    pinned = run(["bash", "launch/torchrun.sh"], timeout=30,
-                 env={"PYTHON": str(fake), "FAKE_GPUS": "4", "NPROC": "3", "RDZV_ENDPOINT": "127.0.0.1:29999"})
+    pinned = _launch("launch/torchrun.sh", [], fake, FAKE_GPUS="4", NPROC="3", RDZV_ENDPOINT="127.0.0.1:29999")
     assert "--nproc-per-node 3" in pinned.stdout and "--rdzv-endpoint 127.0.0.1:29999" in pinned.stdout, tail(pinned)
 
-    none = run(["bash", "launch/torchrun.sh"], timeout=30, env={"PYTHON": str(fake), "FAKE_GPUS": "0"})
+    none = _launch("launch/torchrun.sh", [], fake, FAKE_GPUS="0")
     assert none.returncode == 2 and "no GPU" in none.stderr and "cpu_sim.sh" in none.stderr, tail(none)
     assert "torch.distributed.run" not in none.stdout
 
 
+def test_torchrun_sh_caps_default_ranks_at_the_model_blocks(tmp_path):
+    """Pinpoints launch/torchrun.sh starting one rank per GPU when the model has fewer blocks (8 GPUs,
+    conv2 with 4 blocks must start 4 ranks and say so on stderr), or capping a model that has
+    enough blocks (alexnet, 8 blocks, takes all 8 GPUs)."""
+    fake = _fake_python(tmp_path)
+    conv2 = _launch("launch/torchrun.sh", ["--config", "configs/cifar10_conv2.toml"], fake, FAKE_GPUS="8")
+    assert conv2.returncode == 0, tail(conv2)
+    assert conv2.stdout.split()[3:5] == ["--nproc-per-node", "4"], conv2.stdout
+    assert conv2.stdout.split()[-2:] == ["--config", "configs/cifar10_conv2.toml"], conv2.stdout
+    notes = [line for line in conv2.stderr.splitlines() if line.startswith("launch/torchrun.sh:")]
+    assert len(notes) == 1 and "8 GPUs visible" in notes[0] and "starting 4 ranks" in notes[0], tail(conv2)
+
+    alexnet = _launch("launch/torchrun.sh", ["--config", "configs/tiny_imagenet_alexnet.toml"], fake, FAKE_GPUS="8")
+    assert alexnet.returncode == 0, tail(alexnet)
+    assert alexnet.stdout.split()[3:5] == ["--nproc-per-node", "8"] and "idle" not in alexnet.stderr, tail(alexnet)
+
+
+def test_torchrun_sh_refuses_more_ranks_than_blocks_before_launching(tmp_path):
+    """Pinpoints launch/torchrun.sh letting an explicit NPROC above the model's blocks (or a config
+    typo) reach torchrun: it must exit 2 before torchrun starts, saying which NPROC fits."""
+    fake = _fake_python(tmp_path)
+    six = _launch("launch/torchrun.sh", ["--set", "model.name=conv2"], fake, FAKE_GPUS="8", NPROC="6")
+    assert six.returncode == 2, tail(six)
+    assert "torch.distributed.run" not in six.stdout, tail(six)
+    assert "NPROC=6" in six.stderr and "at most 4 ranks" in six.stderr and "set NPROC=4" in six.stderr, tail(six)
+
+    typo = _launch("launch/torchrun.sh", ["--set", "model.nmae=conv2"], fake, FAKE_GPUS="8")
+    assert typo.returncode == 2 and "torch.distributed.run" not in typo.stdout, tail(typo)
+    assert "config error" in typo.stderr and "model.name" in typo.stderr, tail(typo)
+
+
+def test_cpu_sim_sh_checks_ranks_against_the_model_blocks(tmp_path):
+    """Pinpoints launch/cpu_sim.sh starting more ranks than the model has blocks: an explicit NPROC
+    above them must exit 2 before torchrun with the fix, and the default 2 must drop to what a
+    1-entry parallel.partition allows."""
+    fake = _fake_python(tmp_path)
+    five = _launch("launch/cpu_sim.sh", [], fake, NPROC="5")
+    assert five.returncode == 2 and "torch.distributed.run" not in five.stdout, tail(five)
+    assert "NPROC=5" in five.stderr and "at most 4 ranks" in five.stderr and "set NPROC=4" in five.stderr, tail(five)
+
+    one = _launch("launch/cpu_sim.sh", ["--set", "parallel.partition=[4]"], fake)
+    assert one.returncode == 0, tail(one)
+    assert "--nproc-per-node 1 " in one.stdout and "at most 1 ranks" in one.stderr, tail(one)
+
+
+def _slurm_env(bin_dir: Path, nodes: int, gpus: int) -> dict[str, str]:
+    """Stand-ins for scontrol (lists gpu-node-07, -08, ...) and srun (echoes its command line)."""
+    bin_dir.mkdir(exist_ok=True)
+    hosts = "\\n".join(f"gpu-node-{7 + i:02d}" for i in range(nodes))
+    _stub(bin_dir / "scontrol", f'printf "{hosts}\\n"\n')
+    _stub(bin_dir / "srun", 'echo "srun $*"\n')
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
+            "SLURM_NNODES": str(nodes), "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_JOB_ID": "4242"}
+
+
+def _sbatch_default(text: str, option: str) -> int:
+    match = re.search(rf"^#SBATCH --{option}=(\d+)$", text, re.MULTILINE)
+    assert match, f"no #SBATCH --{option}=N line"
+    return int(match.group(1))
+
+
 def test_slurm_script_runs_one_c10d_torchrun_per_node(tmp_path):
     """Pinpoints launch/slurm.sbatch losing its `srun torchrun ... --rdzv-backend c10d` line, the
-    head node (first of `scontrol show hostnames`), the node/GPU counts or the train arguments."""
+    head node (first of `scontrol show hostnames`), the node/GPU counts or the train arguments
+    (2 nodes x 4 GPUs of alexnet, 8 blocks)."""
     text = (LAUNCH / "slurm.sbatch").read_text()
-    assert re.search(r"^srun torchrun --nnodes \"\$SLURM_NNODES\" --nproc-per-node \"\$GPUS_PER_NODE\" \\\n"
+    assert re.search(r"^srun torchrun --nnodes \"\$SLURM_NNODES\" --nproc-per-node \"\$GPUS_PER_NODE\" "
+                     r"--max-restarts \"\$\{MAX_RESTARTS:-1\}\" \\\n"
                      r"\s+--rdzv-backend c10d --rdzv-endpoint \"\$HEAD_NODE:\$RDZV_PORT\" --rdzv-id \"\$SLURM_JOB_ID\"",
                      text, re.MULTILINE), "the srun torchrun c10d line changed"
     sbatch_lines = [line for line in text.splitlines() if line.startswith("#SBATCH")]
@@ -286,18 +363,47 @@ def test_slurm_script_runs_one_c10d_torchrun_per_node(tmp_path):
     assert any("--ntasks-per-node=1" in line for line in sbatch_lines)
 
     # Run the script with stand-ins for the Slurm commands: it must build the right command line.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _stub(bin_dir / "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\n"\n')
-    _stub(bin_dir / "srun", 'echo "srun $*"\n')
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
-           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "4242"}
-    proc = run(["bash", "launch/slurm.sbatch", "--set", "rule.name=dkp"], timeout=30, env=env)
+    args = ["--config", "configs/cifar100_alexnet.toml", "--set", "rule.name=dkp"]
+    proc = run(["bash", "launch/slurm.sbatch", *args], timeout=60, env=_slurm_env(tmp_path / "bin", 2, 4))
     assert proc.returncode == 0, tail(proc)
     assert proc.stdout.split() == [
-        "srun", "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "gpu-node-07:29500", "--rdzv-id", "4242", "-m", "parallel_dkp", "train",
-        "--set", "rule.name=dkp"], proc.stdout
+        "srun", "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--max-restarts", "1", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "gpu-node-07:29500", "--rdzv-id", "4242", "-m", "parallel_dkp", "train", *args], proc.stdout
+
+
+def test_slurm_script_refuses_more_ranks_than_blocks_before_srun(tmp_path):
+    """Pinpoints launch/slurm.sbatch letting a job larger than the model reach srun: 2 nodes x 8 GPUs
+    of conv2 (4 blocks) must exit 2 with the sbatch options that fit and never call srun, while
+    the script's own defaults (1 node x 4 GPUs) run conv2."""
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    nodes, gpus = _sbatch_default(text, "nodes"), _sbatch_default(text, "gpus-per-node")
+    assert (nodes, gpus) == (1, 4), "the #SBATCH defaults changed; the docs and header say 1 node x 4 GPUs"
+
+    big = run(["bash", "launch/slurm.sbatch", "--config", "configs/cifar10_conv2.toml"], timeout=60,
+              env=_slurm_env(tmp_path / "bin", 2, 8))
+    assert big.returncode == 2 and "srun" not in big.stdout, tail(big)
+    assert "2 nodes x 8 GPUs = 16 ranks" in big.stderr and "at most 4 ranks" in big.stderr, tail(big)
+    assert "sbatch --nodes=1 --gpus-per-node=4 launch/slurm.sbatch --config configs/cifar10_conv2.toml" in big.stderr
+
+    fits = run(["bash", "launch/slurm.sbatch", "--config", "configs/cifar10_conv2.toml"], timeout=60,
+               env=_slurm_env(tmp_path / "bin", nodes, gpus))
+    assert fits.returncode == 0, tail(fits)
+    assert fits.stdout.split()[:6] == ["srun", "torchrun", "--nnodes", "1", "--nproc-per-node", "4"], fits.stdout
+
+
+def test_slurm_defaults_fit_every_shipped_config():
+    """Pinpoints an #SBATCH default (or the GPUS_PER_NODE fallback) that makes `sbatch
+    launch/slurm.sbatch --config configs/X.toml` too large for some shipped config's model."""
+    from parallel_dkp.plan import make_plan
+
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    nodes, gpus = _sbatch_default(text, "nodes"), _sbatch_default(text, "gpus-per-node")
+    assert f"SLURM_GPUS_ON_NODE:-{gpus}}}" in text, "GPUS_PER_NODE's fallback differs from --gpus-per-node"
+    configs = sorted((REPO / "configs").glob("*.toml"))
+    assert configs
+    too_small = {c.name: make_plan(load_config(c)).max_ranks for c in configs}
+    too_small = {name: m for name, m in too_small.items() if nodes * gpus > m}
+    assert not too_small, f"{nodes} x {gpus} ranks exceed these configs' max ranks: {too_small}"
 
 
 # --------------------------------------------------------------------------- accelerate

@@ -117,7 +117,8 @@ def test_metrics_are_read_once_per_log_interval(monkeypatch):
     reads = []
     real_read = StepMetrics.read
     monkeypatch.setattr(StepMetrics, "read", lambda self: reads.append(self.count) or real_read(self))
-    total, _ = train_module.train_one_epoch(job, 1, progress=None)
+    total, _, stopped = train_module.train_one_epoch(job, 1, progress=None)
+    assert not stopped
     assert reads == [3 * 16, 6 * 16, 7 * 16]
     loss_sum, correct, count = total.read()
     assert count == 7 * 16 and 0 <= correct <= count and loss_sum > 0

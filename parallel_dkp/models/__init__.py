@@ -5,6 +5,6 @@ A network is ``nn.ModuleList([b_1, ..., b_L])``: every hidden block maps its inp
 Learning rules and the layer-parallel runtime work on this list from outside.
 """
 
-from parallel_dkp.models.blocks import BlockSpec, block_output_shapes, build_blocks, module_device, seed_for
+from parallel_dkp.models.blocks import BlockSpec, block_output_shapes, build_blocks, module_device, num_blocks, seed_for
 
-__all__ = ["BlockSpec", "build_blocks", "block_output_shapes", "module_device", "seed_for"]
+__all__ = ["BlockSpec", "build_blocks", "block_output_shapes", "module_device", "num_blocks", "seed_for"]

@@ -195,3 +195,15 @@ def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, in
     if len(input_shape) != 3:
         raise ValueError(f"{model} needs image inputs (C, H, W), got shape {input_shape}; use model.name=mlp")
     return input_shape  # type: ignore[return-value]
+
+
+def num_blocks(cfg: ModelConfig) -> int:
+    """Number of blocks of model ``cfg``, hence the largest world size it can run on.
+
+    The count does not depend on the data: the specs are built for a dummy input that every
+    model accepts (224x224 RGB for ``alexnet``, 32x32 RGB otherwise) and never called, so no
+    dataset is read and no parameter is allocated. Raises ValueError for a model the config
+    cannot build (e.g. ``mlp`` with no ``widths``).
+    """
+    dummy = (3, 224, 224) if cfg.name == "alexnet" else (3, 32, 32)
+    return len(block_specs(cfg, input_shape=dummy, num_classes=10))

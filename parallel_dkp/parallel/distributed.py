@@ -86,9 +86,16 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
             f"launched by MPI with {mpi_size} processes, but WORLD_SIZE/RANK are not set; launch with "
             "torchrun (or srun torchrun, or accelerate launch with launch/accelerate_cpu.yaml)"
         )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if world_size > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise ValueError(
+            f"WORLD_SIZE={world_size} is set in the environment but MASTER_ADDR/MASTER_PORT are not, so this "
+            "process was not started by torchrun (a stale export?); for one process run `unset WORLD_SIZE RANK "
+            f"LOCAL_RANK`, for {world_size} ranks launch: torchrun --nproc-per-node {world_size} "
+            "-m parallel_dkp train ..."
+        )
+    if world_size > 1 and not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size}); launch with torchrun")
     device = resolve_device(run, local_rank)
     if world_size == 1:
         return DistContext(device=device)
@@ -110,6 +117,16 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     return DistContext(rank, world_size, local_rank, device, backend)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {name}={text!r} is not an integer; unset it or launch with torchrun"
+        ) from None
 
 
 class PeerFailure(RuntimeError):
