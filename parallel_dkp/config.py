@@ -32,7 +32,20 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 import tomli_w
 
-RULE_NAMES = ("bp", "bp_fc_only", "fa", "kp", "dfa", "dkp", "drtp")
+
+def rule_names() -> tuple[str, ...]:
+    """The registered learning rules (``parallel_dkp.rules.RULES`` is the one list of them)."""
+    from parallel_dkp.rules import RULES  # lazily: the rules package imports this module
+
+    return tuple(RULES)
+
+
+def __getattr__(name: str):
+    if name == "RULE_NAMES":  # ``from parallel_dkp.config import RULE_NAMES`` keeps working
+        return rule_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 MODEL_NAMES = ("mlp", "conv2", "alexnet", "alexnet_small")
 DATA_NAMES = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "image_folder", "synthetic")
 
@@ -168,7 +181,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Check values a user can get wrong; raise ValueError with the remedy."""
-        _one_of("rule.name", self.rule.name, RULE_NAMES)
+        _one_of("rule.name", self.rule.name, rule_names())
         _one_of("model.name", self.model.name, MODEL_NAMES)
         _one_of("data.name", self.data.name, DATA_NAMES)
         _one_of("rule.feedback_init", self.rule.feedback_init, ("kaiming_uniform", "kaiming_normal"))
@@ -405,8 +418,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not isinstance(per_rule, Mapping):
         raise ValueError("[per_rule] must hold one table per rule, e.g. [per_rule.bp.optim.forward]")
     for name, section in per_rule.items():
-        if name not in RULE_NAMES:
-            raise ValueError(f"[per_rule.{name}] names no rule; rules are {', '.join(RULE_NAMES)}")
+        if name not in rule_names():
+            raise ValueError(f"[per_rule.{name}] names no rule; rules are {', '.join(rule_names())}")
         if not isinstance(section, Mapping):
             raise ValueError(f"[per_rule.{name}] must be a table of config sections, got {section!r}")
         if "name" in section.get("rule", {}):
