@@ -1,10 +1,12 @@
-"""``parallel-dkp`` command line: ``train`` (``eval``, ``bench`` and ``report`` come next)."""
+"""``parallel-dkp`` command line: ``train``, ``eval``, ``bench`` and ``plan``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -40,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
         "--no-resume", dest="resume", action="store_false",
         help="start over in run.out_dir, discarding its old checkpoints",
     )
+    evaluation = sub.add_parser(
+        "eval",
+        help="test metrics of a saved model (any number of ranks, whatever partition trained it)",
+        description="Loads the newest checkpoint in run.out_dir (or --checkpoint DIR) and evaluates it on "
+                    "the test set. Prints the metrics; --out writes them as JSON.",
+    )
+    evaluation.add_argument("--config", "-c", help="TOML file of the run (its config.toml works)")
+    evaluation.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    evaluation.add_argument("--checkpoint", help="a checkpoint folder (holding manifest.json); default: the newest")
+    evaluation.add_argument("--out", help="write the metrics as JSON here")
     bench = sub.add_parser(
         "bench",
         help="time training steps of several rules side by side (one process, or under torchrun)",
@@ -96,14 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":  # before the imports below: plan reads no data and starts nothing
         return run_plan(args, cfg, console)
 
+    from parallel_dkp.guard import NonFiniteError
     from parallel_dkp.parallel.distributed import PeerFailure
-    from parallel_dkp.train import RunInterrupted, train
+    from parallel_dkp.train import RunInterrupted, evaluate_checkpoint, train
 
     try:
         if args.command == "train":
             train(cfg, console=console, resume=args.resume)
         elif args.command == "bench":
             _bench(args, cfg, console)
+        elif args.command == "eval":
+            result = evaluate_checkpoint(cfg, directory=args.checkpoint, console=console)
+            if result is not None and args.out:
+                Path(args.out).write_text(json.dumps(result, indent=2))
+    except NonFiniteError as err:  # raised on every rank at once; the last one explains
+        text = str(err) if _owns_the_loss() else "stopped with the other ranks (see the last rank's message)"
+        console.print(f"[bold red]error:[/] rank {os.environ.get('RANK', '0')}: {escape(text)}")
+        return 2
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         return 2

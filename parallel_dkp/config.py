@@ -76,6 +76,10 @@ class RunConfig:
     """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
     writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""
     keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"
+    """What a non-finite loss or update does: ``stop`` every rank (checked every ``log_every``
+    steps and before each checkpoint; no checkpoint is written past it) or ``skip_batch`` (every
+    rank drops that step's update; costs one host sync per step on GPUs)."""
     """How many of the newest complete checkpoints to keep (the final model is kept apart)."""
 
 
@@ -209,6 +213,7 @@ class Config:
                 f"run.checkpoint_every must be >= 0 (0 = a checkpoint at each epoch end only), "
                 f"got {self.run.checkpoint_every}"
             )
+        _one_of("run.on_nonfinite", self.run.on_nonfinite, ("stop", "skip_batch"))
         if self.run.keep_checkpoints < 1:
             raise ValueError(f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}")
         if self.rule.name == "bp_fc_only" and self.model.name == "mlp":

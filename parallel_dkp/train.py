@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import platform
 import shlex
 import shutil
@@ -24,6 +23,7 @@ from parallel_dkp import checkpoint
 from parallel_dkp.checkpoint import Position
 from parallel_dkp.config import Config, dump_config
 from parallel_dkp.data import DatasetInfo, build_loaders
+from parallel_dkp.guard import NonFiniteGuard
 from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.optim import Optimizers
 from parallel_dkp.parallel.costs import choose_partition
@@ -47,6 +47,7 @@ class Job:
     stage: Stage
     schedule: Schedule
     optimizers: Optimizers
+    guard: NonFiniteGuard
     train_loader: object
     test_loader: object
 
@@ -87,14 +88,20 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
         timer=make_timer(ctx.device, cfg.run.profile if profile is None else profile),
     )
     optimizers = Optimizers(forward=stage.forward_parameters(), feedback=stage.feedback_parameters(), cfg=cfg.optim)
-    return Job(cfg, ctx, info, partition, stage, schedule, optimizers, train_loader, test_loader)
+    guard = NonFiniteGuard(stage, ctx, mode=cfg.run.on_nonfinite, timeout_s=cfg.parallel.timeout_s, rule=cfg.rule.name)
+    return Job(cfg, ctx, info, partition, stage, schedule, optimizers, guard, train_loader, test_loader)
 
 
 def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> StepMetrics:
-    """One optimisation step of this rank's stage. Reads nothing back from the device."""
+    """One optimisation step of this rank's stage. Reads nothing back from the device (except
+    with ``run.on_nonfinite = "skip_batch"``, which must decide before the optimizer step)."""
     with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "a training step"):
         job.stage.zero_grad(set_to_none=True)
         metrics = job.schedule.train_step(x, y)
+        job.guard.observe(metrics)  # before the optimizer step, on the device
+        if job.guard.mode == "skip_batch" and job.guard.skip_this_step():
+            job.stage.zero_grad(set_to_none=True)
+            return StepMetrics()  # the dropped step's loss stays out of the sums
         with job.timer.phase("optim"):
             job.optimizers.step()
     return metrics
@@ -122,6 +129,7 @@ def train_one_epoch(
     batches = itertools.islice(iter(job.train_loader), position.step, num_steps)
     task = progress.add_task(f"epoch {epoch}", total=num_steps, completed=position.step, stats="") if progress else None
     every = job.cfg.run.checkpoint_every
+    job.guard.start_at(position.global_step)
     for x, y in batches:
         if stop is not None:
             stop.start()
@@ -132,12 +140,17 @@ def train_one_epoch(
         seconds += time.perf_counter() - start
         position.step += 1
         position.global_step += 1
-        if position.step % job.cfg.run.log_every == 0 or position.step == num_steps:
-            _log(job, total, epoch, position.step, progress, task)
+        stopping = stop is not None and stop.agreed()
+        saving = out_dir is not None and (stopping or (every and position.global_step % every == 0))
+        logging = position.step % job.cfg.run.log_every == 0 or position.step == num_steps
+        if logging or saving:  # the read points: never log or save past a non-finite step
+            last = checkpoint.latest(out_dir) if out_dir is not None else None
+            job.guard.raise_if_bad(last_checkpoint=str(last) if last else None)
+        if logging:
+            _log(job, total, position.step, progress, task)
         elif progress is not None:
             progress.update(task, advance=1)
-        stopping = stop is not None and stop.agreed()
-        if out_dir is not None and (stopping or (every and position.global_step % every == 0)):
+        if saving:
             _checkpoint(job, out_dir, position, total, seconds)
         if stopping:
             return total, seconds, True
@@ -157,20 +170,13 @@ def _checkpoint(job: Job, out_dir: Path, position: Position, total: StepMetrics 
     )
 
 
-def _log(job: Job, total: StepMetrics, epoch: int, step: int, progress: Progress | None, task) -> None:
-    """Read the running sums back (this waits for the device) and show or check them."""
-    if not job.ctx.is_last:
+def _log(job: Job, total: StepMetrics, step: int, progress: Progress | None, task) -> None:
+    """Read the running sums back (this waits for the device) and show them."""
+    if not job.ctx.is_last or progress is None:
         return
     loss_sum, correct, count = total.read()
-    if not math.isfinite(loss_sum):
-        raise FloatingPointError(
-            f"the training loss became {loss_sum} by epoch {epoch}, step {step}; lower "
-            f"optim.forward.lr (now {job.cfg.optim.forward.lr}) or optim.feedback.lr "
-            f"(now {job.cfg.optim.feedback.lr}), or keep model.batch_norm=true"
-        )
-    if progress is not None:
-        stats = f"loss {loss_sum / count:.4f}  acc {correct / count:.2%}"
-        progress.update(task, completed=step, stats=stats)
+    stats = f"loss {loss_sum / max(count, 1):.4f}  acc {correct / max(count, 1):.2%}"
+    progress.update(task, completed=step, stats=stats)
 
 
 def evaluate(job: Job) -> StepMetrics:
@@ -249,6 +255,33 @@ def _train(cfg: Config, ctx: DistContext, console: Console, resume: bool | None)
             _checkpoint(job, out_dir, position, None, 0.0)  # the last one is the final model
     _report_phases(job, console, out_dir)
     return history
+
+
+def evaluate_checkpoint(cfg: Config, *, directory: str | Path | None = None,
+                        console: Console | None = None) -> dict | None:
+    """Test metrics of a saved model: the newest checkpoint in ``run.out_dir`` or ``directory``,
+    on this process's layout (any partition: shards are keyed by global block index).
+
+    Returns ``{"test_loss", "test_acc", "test_examples", "checkpoint"}`` on the last rank.
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    found = Path(directory) if directory else checkpoint.latest(cfg.run.out_dir)
+    if found is None or not (found / checkpoint.MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"no complete checkpoint {'at ' + str(directory) if directory else 'in ' + cfg.run.out_dir}; "
+            "train first, or point --checkpoint at a checkpoint folder (one holding manifest.json)"
+        )
+    with distributed(cfg.parallel, cfg.run) as ctx:
+        job = build_job(cfg, ctx)
+        checkpoint.load(found, stage=job.stage, optimizers=None, device=ctx.device, restore_rng=False)
+        loss_sum, correct, count = evaluate(job).read()
+    if not ctx.is_last:
+        return None
+    result = {"test_loss": loss_sum / max(count, 1), "test_acc": correct / max(count, 1),
+              "test_examples": count, "checkpoint": str(found)}
+    console.print(f"{found}: test loss {result['test_loss']:.4f} acc {result['test_acc']:.2%} "
+                  f"({count} examples, {ctx.world_size} rank(s))")
+    return result
 
 
 def _checkpoint_to_resume(cfg: Config, out_dir: Path, resume: bool | None, console: Console | None) -> str | None:

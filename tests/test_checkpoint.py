@@ -18,7 +18,7 @@ from workers import train_until_signal
 
 from parallel_dkp import checkpoint
 from parallel_dkp.config import load_config
-from parallel_dkp.train import train
+from parallel_dkp.train import evaluate_checkpoint, train
 
 RUN = [
     "rule.name=dkp", "model.name=conv2", "data.name=synthetic", "data.synthetic_shape=[1, 8, 8]",
@@ -108,6 +108,13 @@ def test_two_ranks_stop_together_and_resume_on_one_process(tmp_path, uninterrupt
     spawn(train_until_signal, 2, str(tmp_path), [*RUN, "parallel.partition=[2, 2]"], None, None, timeout=240)
     _assert_same_run(tmp_path, uninterrupted, exact=False)
 
+    # Trained on 2 ranks, evaluated on 1: the test metrics of the run's last epoch.
+    evaluated = evaluate_checkpoint(load_config(None, [*RUN, f"run.out_dir={tmp_path}"]))
+    last = _metrics(tmp_path)[-1]
+    assert evaluated["test_examples"] == last["test_examples"]
+    assert evaluated["test_acc"] == pytest.approx(last["test_acc"])
+    assert evaluated["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+
 
 def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, uninterrupted):
     """Pinpoints two different runs pointed at one folder silently mixing: the second must fail
@@ -181,3 +188,22 @@ def test_sigterm_to_torchrun_stops_cleanly_with_the_resume_command(tmp_path):
     assert stderr.count("Resume with:") == 1, stderr[-3000:]
     manifest = checkpoint.read_manifest(checkpoint.latest(out))
     assert 0 < manifest["global_step"] < 250 and manifest["position"]["step"] == manifest["global_step"]
+
+
+def test_eval_command_reports_a_saved_model(tmp_path, uninterrupted):
+    """Pinpoints ``parallel-dkp eval`` failing on a finished run's folder, or disagreeing with the
+    test metrics that run logged for its last epoch; a folder without a checkpoint is a clean error."""
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "parallel_dkp", "eval", *[a for item in RUN for a in ("--set", item)],
+         "--set", f"run.out_dir={uninterrupted}", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result, last = json.loads(out.read_text()), _metrics(uninterrupted)[-1]
+    assert (result["test_acc"], result["test_loss"]) == (last["test_acc"], last["test_loss"])
+    missing = subprocess.run(
+        [sys.executable, "-m", "parallel_dkp", "eval", "--set", f"run.out_dir={tmp_path / 'none'}",
+         "--set", "data.name=synthetic"], capture_output=True, text=True, timeout=120,
+    )
+    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr and "Traceback" not in missing.stderr

@@ -110,17 +110,25 @@ def test_training_steps_never_read_back_from_the_device(rule, monkeypatch):
     assert counter.calls == []
 
 
-def test_metrics_are_read_once_per_log_interval(monkeypatch):
-    """Pinpoints metrics read back more often than ``run.log_every`` asks (or never): 7 steps with
-    log_every=3 read at steps 3, 6 and 7 (the epoch's end) - three reads, no more."""
+def test_device_values_are_read_once_per_log_interval(monkeypatch):
+    """Pinpoints values read back from the device more often than ``run.log_every`` asks (or
+    never): 7 steps with log_every=3 read at steps 3, 6 and 7 (the epoch's end) - the running
+    sums for the progress bar and the divergence guard's flags, three times each, no more."""
+    from rich.progress import Progress
+
+    from parallel_dkp.guard import NonFiniteGuard
+
     job = train_module.build_job(_tiny_config("dkp", "run.log_every=3", "run.max_steps=7"), DistContext())
-    reads = []
-    real_read = StepMetrics.read
+    reads, checks = [], []
+    real_read, real_report = StepMetrics.read, NonFiniteGuard.report
     monkeypatch.setattr(StepMetrics, "read", lambda self: reads.append(self.count) or real_read(self))
-    total, _, stopped = train_module.train_one_epoch(job, 1, progress=None)
+    monkeypatch.setattr(NonFiniteGuard, "report", lambda self: checks.append(1) or real_report(self))
+    with Progress(disable=True) as progress:
+        total, _, stopped = train_module.train_one_epoch(job, 1, progress=progress)
     assert not stopped
     assert reads == [3 * 16, 6 * 16, 7 * 16]
-    loss_sum, correct, count = total.read()
+    assert len(checks) == 3
+    loss_sum, correct, count = real_read(total)
     assert count == 7 * 16 and 0 <= correct <= count and loss_sum > 0
 
 

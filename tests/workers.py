@@ -92,3 +92,27 @@ def train_until_signal(rank: int, world_size: int, out_dir: str, overrides: list
     except train_module.RunInterrupted as err:
         record = {"ended": "interrupted", "signal": err.signal_name, "message": str(err), "code": err.exit_code}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def poison_one_gradient(rank: int, world_size: int, out_dir: str, overrides: list[str], bad_rank: int, bad_step: int):
+    """Train with rank ``bad_rank``'s first gradient turned to NaN at its ``bad_step``-th step
+    (as a blown-up error or feedback would make it); ``rank{r}.json`` records how the run ended."""
+    import parallel_dkp.train as train_module
+    from parallel_dkp.guard import NonFiniteError, NonFiniteGuard
+
+    real_observe, seen = NonFiniteGuard.observe, [0]
+
+    def poisoned_observe(self, metrics):
+        seen[0] += 1
+        if rank == bad_rank and seen[0] == bad_step:
+            grad = next(p.grad for p in self.stage.parameters() if p.grad is not None)
+            grad.fill_(float("nan"))
+        return real_observe(self, metrics)
+
+    NonFiniteGuard.observe = poisoned_observe
+    try:
+        train_module.train(load_config(None, [*overrides, f"run.out_dir={out_dir}"]))
+        record = {"ended": "finished"}
+    except NonFiniteError as err:
+        record = {"ended": "nonfinite", "message": str(err)}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
