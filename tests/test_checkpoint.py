@@ -207,3 +207,19 @@ def test_eval_command_reports_a_saved_model(tmp_path, uninterrupted):
          "--set", "data.name=synthetic"], capture_output=True, text=True, timeout=120,
     )
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.multirank
+def test_trained_on_four_ranks_evaluated_on_one(tmp_path):
+    """Pinpoints shards that only load into the partition that wrote them: conv2 trained on 4
+    ranks (one block each) must evaluate on a single process to the test metrics the 4-rank run
+    logged for its last epoch."""
+    four = [*RUN, "run.epochs=1", "parallel.partition=[1, 1, 1, 1]", "parallel.microbatches=4"]
+    spawn(train_until_signal, 4, str(tmp_path), four, None, None, timeout=240)
+    assert checkpoint.read_manifest(checkpoint.latest(tmp_path))["world_size"] == 4
+    on_one = [item for item in four if not item.startswith("parallel.partition")]
+    evaluated = evaluate_checkpoint(load_config(None, [*on_one, f"run.out_dir={tmp_path}"]))
+    last = _metrics(tmp_path)[-1]
+    assert evaluated["test_examples"] == last["test_examples"]
+    assert evaluated["test_acc"] == pytest.approx(last["test_acc"])
+    assert evaluated["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
