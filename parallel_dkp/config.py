@@ -175,6 +175,15 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """Measurements of what the rule learns (``parallel_dkp/analysis/alignment.py``)."""
+
+    align_every: int = 0
+    """Measure alignment angles every this many steps into ``alignment.jsonl`` (0 = never). Each
+    measurement runs a shadow backprop pass on the step's batch, so keep it sparse."""
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     rule: RuleConfig = field(default_factory=RuleConfig)
@@ -182,6 +191,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def validate(self) -> "Config":
         """Check values a user can get wrong; raise ValueError with the remedy."""
@@ -214,6 +224,11 @@ class Config:
                 f"got {self.run.checkpoint_every}"
             )
         _one_of("run.on_nonfinite", self.run.on_nonfinite, ("stop", "skip_batch"))
+        if self.analysis.align_every < 0:
+            raise ValueError(
+                f"analysis.align_every must be >= 0 (0 = no alignment measurements), got {self.analysis.align_every}; "
+                "set e.g. analysis.align_every=100"
+            )
         if self.run.keep_checkpoints < 1:
             raise ValueError(f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}")
         if self.rule.name == "bp_fc_only" and self.model.name == "mlp":

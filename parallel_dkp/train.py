@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from parallel_dkp import checkpoint
+from parallel_dkp.analysis.alignment import AlignmentProbe
 from parallel_dkp.checkpoint import Position
 from parallel_dkp.config import Config, dump_config
 from parallel_dkp.data import DatasetInfo, build_loaders
@@ -50,6 +51,8 @@ class Job:
     guard: NonFiniteGuard
     train_loader: object
     test_loader: object
+    alignment: list[dict] = field(default_factory=list)
+    """Alignment rows measured on this rank and not yet written."""
 
     @property
     def timer(self) -> NoTimer:
@@ -92,12 +95,15 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     return Job(cfg, ctx, info, partition, stage, schedule, optimizers, guard, train_loader, test_loader)
 
 
-def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> StepMetrics:
+def train_step(job: Job, x: torch.Tensor, y: torch.Tensor, *, align: Position | None = None) -> StepMetrics:
     """One optimisation step of this rank's stage. Reads nothing back from the device (except
-    with ``run.on_nonfinite = "skip_batch"``, which must decide before the optimizer step)."""
+    with ``run.on_nonfinite = "skip_batch"``, which must decide before the optimizer step, and at
+    an ``align`` step, which measures the alignment of this step's update into ``job.alignment``)."""
     with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "a training step"):
         job.stage.zero_grad(set_to_none=True)
         metrics = job.schedule.train_step(x, y)
+        if align is not None:
+            job.alignment += AlignmentProbe(job).measure(x, y, step=align.global_step, epoch=align.epoch)
         job.guard.observe(metrics)  # before the optimizer step, on the device
         if job.guard.mode == "skip_batch" and job.guard.skip_this_step():
             job.stage.zero_grad(set_to_none=True)
@@ -128,18 +134,22 @@ def train_one_epoch(
     # Resuming mid-epoch: the epoch's batches from the next one on, exactly as uninterrupted.
     batches = itertools.islice(iter(job.train_loader), position.step, num_steps)
     task = progress.add_task(f"epoch {epoch}", total=num_steps, completed=position.step, stats="") if progress else None
-    every = job.cfg.run.checkpoint_every
+    every, align_every = job.cfg.run.checkpoint_every, job.cfg.analysis.align_every
     job.guard.start_at(position.global_step)
     for x, y in batches:
         if stop is not None:
             stop.start()
         start = time.perf_counter()
         job.timer.start_step()
-        total += train_step(job, x, y)
+        aligning = align_every and (position.global_step + 1) % align_every == 0
+        upcoming = Position(epoch=epoch, step=position.step + 1, global_step=position.global_step + 1)
+        total += train_step(job, x, y, align=upcoming if aligning else None)
         job.timer.end_step()
         seconds += time.perf_counter() - start
         position.step += 1
         position.global_step += 1
+        if aligning and out_dir is not None:
+            _write_alignment(job, out_dir)
         stopping = stop is not None and stop.agreed()
         saving = out_dir is not None and (stopping or (every and position.global_step % every == 0))
         logging = position.step % job.cfg.run.log_every == 0 or position.step == num_steps
@@ -156,6 +166,15 @@ def train_one_epoch(
             return total, seconds, True
     job.optimizers.epoch_end()
     return total, seconds, False
+
+
+def _write_alignment(job: Job, out_dir: Path) -> None:
+    """Gather every rank's alignment rows to the last rank, which appends them to alignment.jsonl."""
+    rows = [row for rank_rows in job.ctx.all_gather_object(job.alignment) for row in rank_rows]
+    job.alignment.clear()
+    if job.ctx.is_last:
+        with (out_dir / "alignment.jsonl").open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: (r["block"], r["metric"])))
 
 
 def _checkpoint(job: Job, out_dir: Path, position: Position, total: StepMetrics | None, seconds: float) -> Path:
@@ -310,7 +329,8 @@ def _checkpoint_to_resume(cfg: Config, out_dir: Path, resume: bool | None, conso
 
 
 def _start_metrics(out_dir: Path, cfg: Config, position: Position) -> list[dict]:
-    """Write the resolved config; keep the metrics rows of the epochs already done (resuming)."""
+    """Write the resolved config; keep the metrics (and alignment) rows of the epochs (steps)
+    already done when resuming, none otherwise."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.toml")
     path = out_dir / "metrics.jsonl"
@@ -319,6 +339,12 @@ def _start_metrics(out_dir: Path, cfg: Config, position: Position) -> list[dict]
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [row for row in rows if row["epoch"] < position.epoch]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # Alignment rows of steps the resumed run will measure again are dropped.
+    align = out_dir / "alignment.jsonl"
+    if align.is_file():
+        kept = [line for line in align.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= position.global_step]
+        align.write_text("".join(line + "\n" for line in kept))
     return rows
 
 

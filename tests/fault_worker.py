@@ -21,8 +21,8 @@ MARKER = Path(os.environ["FAULT_MARKER"])
 real_step, done = train_module.train_step, [0]
 
 
-def step_then_die(job, x, y):
-    result = real_step(job, x, y)
+def step_then_die(job, x, y, **kwargs):
+    result = real_step(job, x, y, **kwargs)
     done[0] += 1
     if job.ctx.rank == FAULT_RANK and done[0] == FAULT_STEP and not MARKER.exists():
         MARKER.write_text(f"killed rank {FAULT_RANK} after step {FAULT_STEP}\n")

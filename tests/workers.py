@@ -78,8 +78,8 @@ def train_until_signal(rank: int, world_size: int, out_dir: str, overrides: list
 
     real_step, done = train_module.train_step, [0]
 
-    def step_then_signal(job, x, y):
-        result = real_step(job, x, y)
+    def step_then_signal(job, x, y, **kwargs):
+        result = real_step(job, x, y, **kwargs)
         done[0] += 1
         if rank == signal_rank and done[0] == signal_at:
             os.kill(os.getpid(), signals.SIGTERM)

@@ -69,6 +69,18 @@ class Transport:
     def send_blocking(self, tensor: torch.Tensor) -> None:
         dist.send(tensor.contiguous(), self.next_rank)
 
+    # ---------------------------------------------------------------- backwards (analysis only)
+
+    def send_backward(self, tensor: torch.Tensor) -> None:
+        """Send a gradient (or any tensor) to the previous stage, blocking."""
+        dist.send(tensor.contiguous(), self.prev_rank)
+
+    def recv_backward(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Receive a fresh ``shape`` tensor from the next stage, blocking."""
+        tensor = torch.empty(shape, device=self.device)
+        dist.recv(tensor, self.next_rank)
+        return tensor
+
     # ---------------------------------------------------------------- the output error
 
     def broadcast_error(self, error_BK: torch.Tensor) -> Handle | None:

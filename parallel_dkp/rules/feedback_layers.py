@@ -8,11 +8,32 @@ for it (``ctx.needs_input_grad``), so a block whose input is cut computes no inp
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from parallel_dkp.rules.base import Feedback
+
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def true_gradients():
+    """Inside this block, feedback layers backpropagate with their own weight (plain BP), e.g. for
+    a shadow backprop pass that measures how far the rule's updates are from the true gradient."""
+    previous = getattr(_mode, "true", False)
+    _mode.true = True
+    try:
+        yield
+    finally:
+        _mode.true = previous
+
+
+def _backward_matrix(layer: nn.Module) -> torch.Tensor:
+    return layer.weight if getattr(_mode, "true", False) else layer.feedback.weight
 
 
 class FeedbackLinearFunction(torch.autograd.Function):
@@ -67,7 +88,7 @@ class FeedbackLinear(nn.Linear):
     feedback: Feedback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FeedbackLinearFunction.apply(x, self.weight, self.bias, self.feedback.weight)
+        return FeedbackLinearFunction.apply(x, self.weight, self.bias, _backward_matrix(self))
 
 
 class FeedbackConv2d(nn.Conv2d):
@@ -77,7 +98,7 @@ class FeedbackConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return FeedbackConv2dFunction.apply(
-            x, self.weight, self.bias, self.feedback.weight, self.stride, self.padding, self.dilation, self.groups
+            x, self.weight, self.bias, _backward_matrix(self), self.stride, self.padding, self.dilation, self.groups
         )
 
 
