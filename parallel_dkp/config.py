@@ -90,7 +90,9 @@ class RuleConfig:
     name: str = "dkp"
     """One of bp, bp_fc_only, fa, kp, dfa, dkp, drtp."""
     feedback_init: str = "kaiming_uniform"
-    """Initialisation of feedback matrices: kaiming_uniform or kaiming_normal."""
+    """Initialisation of feedback matrices: kaiming_uniform or kaiming_normal (the paper's and the
+    authors' code: Kaiming with ReLU gain), or like_weight (the forward layer's own default
+    init, U(±1/√fan_in); keeps FA/KP's chained error at BP's scale)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,10 @@ class ModelConfig:
     """Hidden widths of ``mlp``."""
     batch_norm: bool = True
     """BN before every hidden activation (the paper needs it for DFA/DKP stability)."""
+    conv_padding: int = 1
+    """Zero padding of conv2's 3x3 convolutions. Table 3's Linear(6272, 128) is 1 on 28x28
+    Fashion-MNIST (28 → pool → 14·14·32) and 0 on 32x32 CIFAR-10 (32 → 30 → 28 → pool →
+    14·14·32, as the authors' code does); the shipped configs set it so."""
 
 
 @dataclass(frozen=True)
@@ -198,10 +204,15 @@ class Config:
         _one_of("rule.name", self.rule.name, rule_names())
         _one_of("model.name", self.model.name, MODEL_NAMES)
         _one_of("data.name", self.data.name, DATA_NAMES)
-        _one_of("rule.feedback_init", self.rule.feedback_init, ("kaiming_uniform", "kaiming_normal"))
+        _one_of("rule.feedback_init", self.rule.feedback_init, ("kaiming_uniform", "kaiming_normal", "like_weight"))
         _one_of("parallel.schedule", self.parallel.schedule, ("gpipe", "1f1b"))
         _one_of("parallel.backend", self.parallel.backend, ("auto", "nccl", "gloo"))
         _one_of("run.device", self.run.device, ("auto", "cpu", "cuda"))
+        if not self.run.out_dir.strip():  # "" would write config, metrics and checkpoints into the cwd
+            raise ValueError(
+                f"run.out_dir = {self.run.out_dir!r} is empty; set the folder that receives the run's files, "
+                "e.g. run.out_dir=runs/default"
+            )
         for side in ("forward", "feedback"):
             opt: OptimizerConfig = getattr(self.optim, side)
             _one_of(f"optim.{side}.name", opt.name, ("sgd", "adam"))
@@ -224,6 +235,10 @@ class Config:
                 f"got {self.run.checkpoint_every}"
             )
         _one_of("run.on_nonfinite", self.run.on_nonfinite, ("stop", "skip_batch"))
+        if self.model.conv_padding < 0:
+            raise ValueError(
+                f"model.conv_padding must be >= 0, got {self.model.conv_padding}; set model.conv_padding=1"
+            )
         if self.analysis.align_every < 0:
             raise ValueError(
                 f"analysis.align_every must be >= 0 (0 = no alignment measurements), got {self.analysis.align_every}; "

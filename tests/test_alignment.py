@@ -30,7 +30,8 @@ def test_angles_match_hand_computations():
     b = torch.tensor([[5.0, 0.0], [2.0, 0.0]])
     assert mean_row_angle_deg(a, b) == pytest.approx(45.0)
     # An example whose activations are all zero has no angle: it is left out of the mean.
-    assert mean_row_angle_deg(torch.cat([a, torch.zeros(1, 2)]), torch.cat([b, torch.ones(1, 2)])) == pytest.approx(45.0)
+    with_zero = mean_row_angle_deg(torch.cat([a, torch.zeros(1, 2)]), torch.cat([b, torch.ones(1, 2)]))
+    assert with_zero == pytest.approx(45.0)
 
 
 def _measure(rule: str, model: list[str], edit=None) -> list[dict]:

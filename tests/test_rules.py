@@ -59,7 +59,7 @@ def test_mlp_updates_match_hand_derived_formulas(rule):
     e = _error(h, y, n)
 
     if rule in DIRECT:
-        s = F.one_hot(y, 3).float() / n if rule == "drtp" else e
+        s = F.one_hot(y, 3).float() if rule == "drtp" else e
         d1 = (s @ stage.blocks[0].feedback.weight.detach()) * (z1 > 0)
         d2 = (s @ stage.blocks[1].feedback.weight.detach()) * (z2 > 0)
     else:
@@ -154,7 +154,7 @@ def test_updates_match_autograd_reference(rule, model, shape, microbatches, floa
                 a = block(a.detach())
                 outs.append(a)
             e = _error(outs[-1].detach(), y_m, n)
-            s = F.one_hot(y_m, 3).to(x.dtype) / n if rule == "drtp" else e
+            s = F.one_hot(y_m, 3).to(x.dtype) if rule == "drtp" else e
             outs[-1].backward(e)
             for j, out in enumerate(outs[:-1]):
                 out.backward((s @ ref_fb[str(j)]).view_as(out))
@@ -300,3 +300,51 @@ def test_bp_fc_only_leaves_convolutions_unchanged():
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
     for name in ("blocks.2.2.weight", "blocks.3.0.weight"):
         assert not torch.equal(after[name], before[name])
+
+
+def test_output_error_keeps_float64_precision():
+    """Pinpoints the output error's softmax rounding float64 logits to float32 (the autograd
+    references run in float64): e must equal autograd's gradient of the summed cross-entropy / N
+    to float64 precision."""
+    logits = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 30
+    y = torch.tensor([0, 1, 2, 3, 0])
+    leaf = logits.clone().requires_grad_(True)
+    (F.cross_entropy(leaf, y, reduction="sum") / 5).backward()
+    from parallel_dkp.rules import output_error
+
+    error = output_error(logits, y, 5)
+    assert error.dtype == torch.float64
+    torch.testing.assert_close(error, leaf.grad, rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("side,padding,flat", [(28, 1, 6272), (32, 0, 6272), (32, 1, 8192), (28, 0, 4608)])
+def test_conv2_first_linear_layer_matches_table_3(side, padding, flat):
+    """Pinpoints conv2's FC input size drifting from the paper's Table 3 (6272) on the datasets'
+    own sizes: Fashion-MNIST 28x28 with padded convs, CIFAR-10 32x32 with unpadded ones."""
+    from parallel_dkp.config import ModelConfig
+
+    blocks = make_blocks(ModelConfig(name="conv2", conv_padding=padding), (1, side, side), num_classes=10)
+    assert blocks[2][2].in_features == flat
+
+
+@pytest.mark.parametrize("rule", ["fa", "dkp"])
+def test_like_weight_feedback_has_the_forward_layers_scale(rule):
+    """Pinpoints ``rule.feedback_init = like_weight`` giving B another spread than the forward
+    layer it stands in for (U(±1/√fan_in), std 1/√(3·fan_in)); Kaiming's is √6 ≈ 2.45 times wider."""
+    from parallel_dkp.config import ModelConfig
+    from parallel_dkp.models import block_output_shapes
+    from parallel_dkp.parallel.stage import Stage
+    from parallel_dkp.rules import RULES, Feedback
+
+    model, shape = ModelConfig(name="mlp", widths=(300, 300)), (400,)
+    stds = {}
+    for init in ("like_weight", "kaiming_uniform"):
+        blocks = make_blocks(model, shape, num_classes=300)
+        stage = Stage(list(blocks), indices=range(3), num_blocks=3, rule=RULES[rule](feedback_init=init),
+                      out_shapes=block_output_shapes(blocks, shape), num_classes=300, seed=0)
+        feedback = [m.weight for m in stage.modules() if isinstance(m, Feedback)]
+        stds[init] = [(float(b.std()), b.shape[1]) for b in feedback]
+    for std, fan_in in stds["like_weight"]:
+        assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.05)
+    for (wide, _), (narrow, _) in zip(stds["kaiming_uniform"], stds["like_weight"]):
+        assert wide / narrow == pytest.approx(math.sqrt(6), rel=0.05)

@@ -133,15 +133,22 @@ def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> li
 def _conv2(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[BlockSpec]:
     """The paper's Table 3: two 3x3 convs (32 channels), max-pool, Linear(., 128), Linear(128, K).
 
-    The first linear layer is sized from the input: 32*14*14 = 6272 for 28x28 images,
-    32*16*16 = 8192 for 32x32.
+    The first linear layer is sized from the input and ``model.conv_padding``: 32·14·14 = 6272
+    (Table 3) for 28x28 images with padding 1 and for 32x32 images with padding 0.
     """
     c, h, w = _image_shape(input_shape, "conv2")
-    flat = 32 * (h // 2) * (w // 2)
+    pad = cfg.conv_padding
+    side_h, side_w = h + 2 * (2 * pad - 2), w + 2 * (2 * pad - 2)  # after two 3x3 convolutions
+    if min(side_h, side_w) < 2:
+        raise ValueError(
+            f"conv2 with model.conv_padding={pad} shrinks {h}x{w} inputs to {side_h}x{side_w}, too small to "
+            "pool; use larger images or model.conv_padding=1"
+        )
+    flat = 32 * (side_h // 2) * (side_w // 2)
     bn = cfg.batch_norm
     return [
-        BlockSpec("conv0", lambda: _conv_block(c, 32, kernel=3, padding=1, bn=bn)),
-        BlockSpec("conv1", lambda: _conv_block(32, 32, kernel=3, padding=1, bn=bn)),
+        BlockSpec("conv0", lambda: _conv_block(c, 32, kernel=3, padding=pad, bn=bn)),
+        BlockSpec("conv1", lambda: _conv_block(32, 32, kernel=3, padding=pad, bn=bn)),
         BlockSpec("fc2", lambda: _fc_block(flat, 128, bn=bn, pre=(nn.MaxPool2d(2), nn.Flatten()))),
         BlockSpec("out", lambda: _output_block(128, num_classes)),
     ]

@@ -20,17 +20,21 @@ def build_rule(cfg: RuleConfig) -> LearningRule:
 
 
 def output_error(logits_BK: torch.Tensor, targets_B: torch.Tensor, total: int) -> torch.Tensor:
-    """``dℓ/dh`` of the summed cross-entropy over ``total`` examples: ``(softmax(h) - onehot(y)) / total``."""
+    """``dℓ/dh`` of the summed cross-entropy over ``total`` examples: ``(softmax(h) - onehot(y)) / total``.
+
+    The softmax runs in the logits' dtype, at least float32 (half-precision logits are promoted).
+    """
     with torch.no_grad():
-        error = torch.softmax(logits_BK.float(), dim=1)
+        error = torch.softmax(logits_BK.to(torch.promote_types(logits_BK.dtype, torch.float32)), dim=1)
         error[torch.arange(len(targets_B), device=error.device), targets_B] -= 1
         return (error / total).to(logits_BK.dtype)
 
 
-def target_signal(targets_B: torch.Tensor, num_classes: int, total: int, dtype=torch.float32) -> torch.Tensor:
-    """DRTP's signal: ``onehot(y) / total`` (``scatter_``: no host check of the labels' range)."""
+def target_signal(targets_B: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """DRTP's signal: ``onehot(y)``, not divided by the batch, as in the DRTP authors' code
+    (``scatter_``: no host check of the labels' range)."""
     signal = torch.zeros(len(targets_B), num_classes, dtype=dtype, device=targets_B.device)
-    return signal.scatter_(1, targets_B.unsqueeze(1), 1.0 / total)
+    return signal.scatter_(1, targets_B.unsqueeze(1), 1.0)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ Adding a rule means one new class in one file of this package, registered in ``R
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from parallel_dkp.models import seed_for
 
 Signal = Literal["chain", "error", "targets"]
-FeedbackInit = Literal["kaiming_uniform", "kaiming_normal"]
+FeedbackInit = Literal["kaiming_uniform", "kaiming_normal", "like_weight"]
 
 
 class Feedback(nn.Module):
@@ -104,9 +105,14 @@ class LearningRule:
 
 
 def init_feedback_(tensor: torch.Tensor, *, method: str, seed: int) -> torch.Tensor:
-    """Kaiming-initialise a feedback matrix in place from its own seed (paper §3.1).
+    """Initialise a feedback matrix in place from its own seed.
 
-    The matrix is treated like an ``nn.Linear`` weight ``[out, in]`` (fan-in = ``in``).
+    The matrix is treated like an ``nn.Linear``/``nn.Conv2d`` weight ``[out, in, ...]`` (fan-in =
+    ``in × kernel``). ``kaiming_uniform``/``kaiming_normal`` (the paper, §3.1, and the authors'
+    code: gain √2, so B's spread is about 2.45× that of the weight it stands in for) or
+    ``like_weight``: torch's default for the forward layer (``kaiming_uniform_(a=√5)``, i.e.
+    U(±1/√fan_in)), so that FA/KP's chained error keeps BP's scale instead of growing ~2.45× per
+    layer.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -115,8 +121,12 @@ def init_feedback_(tensor: torch.Tensor, *, method: str, seed: int) -> torch.Ten
                 nn.init.kaiming_uniform_(tensor, nonlinearity="relu")
             elif method == "kaiming_normal":
                 nn.init.kaiming_normal_(tensor, nonlinearity="relu")
+            elif method == "like_weight":
+                nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
             else:
-                raise ValueError(f"rule.feedback_init = {method!r} is not kaiming_uniform or kaiming_normal")
+                raise ValueError(
+                    f"rule.feedback_init = {method!r} is not kaiming_uniform, kaiming_normal or like_weight"
+                )
     return tensor
 
 

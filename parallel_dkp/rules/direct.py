@@ -4,8 +4,9 @@ Every hidden block ``j`` is wrapped in a :class:`DirectBlock` that cuts its inpu
 graph and holds a dense feedback matrix ``B_j`` of shape ``[K, D_j]`` (``D_j`` = number of
 elements of the block's output ``a_j``, after pooling). Its learning signal is ``g_j = s · B_j``
 reshaped like ``a_j``, where ``s`` is the output error ``e = (softmax(h) - onehot(y)) / N``
-(DFA, DKP) or the targets ``onehot(y) / N`` (DRTP; the same ``1/N`` as ``e`` so that learning
-rates are comparable). The block then backpropagates ``g_j`` inside itself only.
+(DFA, DKP) or the targets ``onehot(y)`` (DRTP, not divided by the batch, as in the DRTP authors'
+code: its hidden updates are a batch's sum, N times a mean). The block then backpropagates
+``g_j`` inside itself only.
 
 DKP also learns ``B_j``: ``∇B_j = e^T · a_j`` (paper eq. 7-8, weight decay from the feedback
 optimizer), i.e. ``B_j^T`` is trained as a linear readout from ``a_j`` to the logits. For the
