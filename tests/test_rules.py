@@ -59,7 +59,7 @@ def test_mlp_updates_match_hand_derived_formulas(rule):
     e = _error(h, y, n)
 
     if rule in DIRECT:
-        s = F.one_hot(y, 3).float() if rule == "drtp" else e
+        s = F.one_hot(y, 3).float() / n if rule == "drtp" else e
         d1 = (s @ stage.blocks[0].feedback.weight.detach()) * (z1 > 0)
         d2 = (s @ stage.blocks[1].feedback.weight.detach()) * (z2 > 0)
     else:
@@ -154,7 +154,7 @@ def test_updates_match_autograd_reference(rule, model, shape, microbatches, floa
                 a = block(a.detach())
                 outs.append(a)
             e = _error(outs[-1].detach(), y_m, n)
-            s = F.one_hot(y_m, 3).to(x.dtype) if rule == "drtp" else e
+            s = F.one_hot(y_m, 3).to(x.dtype) / n if rule == "drtp" else e
             outs[-1].backward(e)
             for j, out in enumerate(outs[:-1]):
                 out.backward((s @ ref_fb[str(j)]).view_as(out))

@@ -242,7 +242,7 @@ class TargetsSchedule(_UnlockedSchedule):
             with self.timer.phase("update"):
                 if self.stage.is_last:
                     self._output_backward(out, y_m, total, metrics)
-                targets = target_signal(y_m, self.num_classes, out.dtype)
+                targets = target_signal(y_m, self.num_classes, total, out.dtype)
                 self.rule.local_update(hidden, self.rule.hidden_signal(error_BK=None, targets_BK=targets))
         self._finish()
         return metrics

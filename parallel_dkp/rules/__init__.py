@@ -30,11 +30,11 @@ def output_error(logits_BK: torch.Tensor, targets_B: torch.Tensor, total: int) -
         return (error / total).to(logits_BK.dtype)
 
 
-def target_signal(targets_B: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """DRTP's signal: ``onehot(y)``, not divided by the batch, as in the DRTP authors' code
-    (``scatter_``: no host check of the labels' range)."""
+def target_signal(targets_B: torch.Tensor, num_classes: int, total: int, dtype=torch.float32) -> torch.Tensor:
+    """DRTP's signal: ``onehot(y) / total``, on the scale of the output error ``e`` (see
+    ``rules/direct.py`` for why the 1/N stays). ``scatter_``: no host check of the labels' range."""
     signal = torch.zeros(len(targets_B), num_classes, dtype=dtype, device=targets_B.device)
-    return signal.scatter_(1, targets_B.unsqueeze(1), 1.0)
+    return signal.scatter_(1, targets_B.unsqueeze(1), 1.0 / total)
 
 
 __all__ = [

@@ -4,9 +4,12 @@ Every hidden block ``j`` is wrapped in a :class:`DirectBlock` that cuts its inpu
 graph and holds a dense feedback matrix ``B_j`` of shape ``[K, D_j]`` (``D_j`` = number of
 elements of the block's output ``a_j``, after pooling). Its learning signal is ``g_j = s · B_j``
 reshaped like ``a_j``, where ``s`` is the output error ``e = (softmax(h) - onehot(y)) / N``
-(DFA, DKP) or the targets ``onehot(y)`` (DRTP, not divided by the batch, as in the DRTP authors'
-code: its hidden updates are a batch's sum, N times a mean). The block then backpropagates
-``g_j`` inside itself only.
+(DFA, DKP) or the targets ``onehot(y) / N`` (DRTP). The DRTP authors' code divides neither
+signal (its DFA's ``(y - labels)·B`` and DRTP's ``labels·B`` are both batch sums); ours divides
+both, keeping their ratio and putting every rule on the scale of the mean loss that the shared
+forward learning rate is set for. (Without the 1/N, one epoch of conv2 on 15 000 Fashion-MNIST
+images ended at test loss 167 and 75.7 %, against 86.9 % with it.) The block then
+backpropagates ``g_j`` inside itself only.
 
 DKP also learns ``B_j``: ``∇B_j = e^T · a_j`` (paper eq. 7-8, weight decay from the feedback
 optimizer), i.e. ``B_j^T`` is trained as a linear readout from ``a_j`` to the logits. For the
