@@ -11,6 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from parallel_dkp.analysis import report as report_command
+from parallel_dkp.analysis import trials as trials_command
 from parallel_dkp.config import Config, load_config
 from parallel_dkp.plan import add_subparser as add_plan_subparser
 from parallel_dkp.plan import run_plan
@@ -66,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per rule first (default 3)")
     bench.add_argument("--out", help="write the full result (all samples, machine) as JSON here")
     add_plan_subparser(sub)
+    report_command.add_subparser(sub)
+    trials_command.add_subparser(sub)
     return parser
 
 
@@ -100,13 +104,32 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # soft_wrap: long lines (paths, the resume command) stay whole, so they can be copied
     console = Console(stderr=True, soft_wrap=True)
+    if args.command == "report":  # reads saved files only: no config, no torch
+        return report_command.run_report(args, console)
     try:
         cfg = load_config(args.config, args.overrides)
+    except UnicodeDecodeError as err:  # a ValueError too: a binary or non-UTF-8 file given as --config
+        console.print(
+            f"[bold red]config error:[/] config file {escape(repr(args.config))} is not UTF-8 text (byte "
+            f"{err.object[err.start]:#04x} at offset {err.start}); pass a TOML file such as configs/default.toml, "
+            "or re-save this one as UTF-8"
+        )
+        return 2
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[bold red]config error:[/] {escape(str(err))}")
         return 2
+    except OSError as err:  # PermissionError and the like, on the --config file
+        if err.filename is None:
+            raise
+        console.print(
+            f"[bold red]config error:[/] cannot read config file {escape(str(err.filename))} ({err.strerror}); "
+            "fix its permissions, or pass another --config"
+        )
+        return 2
     if args.command == "plan":  # before the imports below: plan reads no data and starts nothing
         return run_plan(args, cfg, console)
+    if args.command == "trials":  # runs train in subprocesses; imports no training code here
+        return trials_command.run_trials(args, cfg, console)
 
     from parallel_dkp.guard import NonFiniteError
     from parallel_dkp.parallel.distributed import PeerFailure
@@ -125,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         text = str(err) if _owns_the_loss() else "stopped with the other ranks (see the last rank's message)"
         console.print(f"[bold red]error:[/] rank {os.environ.get('RANK', '0')}: {escape(text)}")
         return 2
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FloatingPointError) as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
     except RunInterrupted as err:
@@ -135,6 +158,64 @@ def main(argv: list[str] | None = None) -> int:
     except PeerFailure as err:
         console.print(f"[bold red]peer failure:[/] {escape(str(err))}")
         return 3
+    except OSError as err:
+        # Our own FileNotFoundErrors (no dataset, no checkpoint) carry their message and no filename; a
+        # file-system error on a path the user chose (run.out_dir, --out, data.root) names that path. An
+        # OSError without a path (sockets, devices) is not the user's to fix here: it keeps its traceback.
+        if err.filename is None:
+            if not isinstance(err, FileNotFoundError):
+                raise
+            console.print(f"[bold red]error:[/] {escape(str(err))}")
+            return 2
+        import errno
+
+        path = Path(os.path.abspath(err.filename))
+        out = getattr(args, "out", None)
+        origins = [(f"--out {out}", Path(os.path.abspath(out))) if out else None,
+                   (f"run.out_dir = {cfg.run.out_dir!r}", Path(os.path.abspath(cfg.run.out_dir))),
+                   (f"data.root = {cfg.data.root!r}", Path(os.path.abspath(os.path.expanduser(cfg.data.root))))
+                   if cfg.data.root else None]
+        origin = next((name for name, root in filter(None, origins) if path == root or root in path.parents), None)
+        hint = {
+            PermissionError: "this user may not access it; fix its permissions, or choose a path you can use",
+            FileExistsError: "a file is in the way of a folder of that name; move the file, or choose another path",
+            NotADirectoryError: "a part of that path is a file, not a folder; choose a path made of folders",
+            IsADirectoryError: "it is a folder, not a file; give a file path",
+            FileNotFoundError: "its folder does not exist; create it, or choose another path",
+        }.get(type(err), "check that path, or choose another one")
+        if err.errno == errno.ENOSPC:
+            hint = "the disk is full; free some space, or choose a path on another disk"
+        elif err.errno == errno.EROFS:
+            hint = "that file system is read-only; choose a writable path"
+        given = f" (from {origin})" if origin else ""
+        console.print(f"[bold red]error:[/] {escape(str(err.filename))}{escape(given)}: {err.strerror}; {hint}")
+        return 2
+    except (MemoryError, RuntimeError) as err:  # only running out of memory; other RuntimeErrors are bugs
+        import re
+
+        import torch
+
+        text = str(err)
+        if isinstance(err, RuntimeError) and not (
+            isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text
+        ):
+            raise
+        size = re.search(r"allocate (\d+(?:\.\d+)?) ?(bytes|[KMGT]iB)", text)
+        tried = ""
+        if size:
+            amount = f"{int(size.group(1)) / 2**30:.1f} GiB" if size.group(2) == "bytes" else " ".join(size.groups())
+            tried = f" (tried to allocate {amount})"
+        data = cfg.data
+        smaller = [f"data.batch_size (now {data.batch_size})",
+                   f"data.image_size (now {data.image_size or 'the native size'})"]
+        if data.name == "synthetic":
+            smaller += [f"data.synthetic_size (now {data.synthetic_size})",
+                        f"data.synthetic_shape (now {list(data.synthetic_shape)})"]
+        if cfg.model.name == "mlp":
+            smaller.append(f"model.widths (now {list(cfg.model.widths)})")
+        console.print(f"[bold red]out of memory[/] on rank {os.environ.get('RANK', '0')}{tried}: lower "
+                      f"{', '.join(smaller)}, or run on a device with more memory")
+        return 2
     return 0
 
 

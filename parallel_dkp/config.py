@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -76,6 +77,9 @@ class RunConfig:
     """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
     writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""
     keep_checkpoints: int = 2
+    tensorboard: bool = False
+    """Also log the metrics and alignment angles for TensorBoard, to ``run.out_dir/tensorboard``
+    (needs ``pip install 'parallel_dkp[tensorboard]'``)."""
     on_nonfinite: str = "stop"
     """What a non-finite loss or update does: ``stop`` every rank (checked every ``log_every``
     steps and before each checkpoint; no checkpoint is written past it) or ``skip_batch`` (every
@@ -235,6 +239,11 @@ class Config:
                 f"got {self.run.checkpoint_every}"
             )
         _one_of("run.on_nonfinite", self.run.on_nonfinite, ("stop", "skip_batch"))
+        if self.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(
+                "run.tensorboard = true needs the tensorboard package: pip install 'parallel_dkp[tensorboard]', "
+                "or set run.tensorboard=false"
+            )
         if self.model.conv_padding < 0:
             raise ValueError(
                 f"model.conv_padding must be >= 0, got {self.model.conv_padding}; set model.conv_padding=1"

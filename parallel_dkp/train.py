@@ -21,6 +21,7 @@ from rich.table import Table
 
 from parallel_dkp import checkpoint
 from parallel_dkp.analysis.alignment import AlignmentProbe
+from parallel_dkp.analysis.tensorboard import TensorBoardLogger
 from parallel_dkp.checkpoint import Position
 from parallel_dkp.config import Config, dump_config
 from parallel_dkp.data import DatasetInfo, build_loaders
@@ -53,6 +54,8 @@ class Job:
     test_loader: object
     alignment: list[dict] = field(default_factory=list)
     """Alignment rows measured on this rank and not yet written."""
+    tensorboard: TensorBoardLogger | None = None
+    """The last rank's TensorBoard logger, when ``run.tensorboard`` asks for one."""
 
     @property
     def timer(self) -> NoTimer:
@@ -175,6 +178,8 @@ def _write_alignment(job: Job, out_dir: Path) -> None:
     if job.ctx.is_last:
         with (out_dir / "alignment.jsonl").open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: (r["block"], r["metric"])))
+        if job.tensorboard is not None:
+            job.tensorboard.log_alignment(rows)
 
 
 def _checkpoint(job: Job, out_dir: Path, position: Position, total: StepMetrics | None, seconds: float) -> Path:
@@ -254,6 +259,8 @@ def _train(cfg: Config, ctx: DistContext, console: Console, resume: bool | None)
     if reporter and position.epoch > cfg.run.epochs:
         console.print(f"this run already finished its {cfg.run.epochs} epoch(s); raise run.epochs to train on")
     progress = _progress(console) if reporter and cfg.run.progress else None
+    if reporter and cfg.run.tensorboard:
+        job.tensorboard = TensorBoardLogger(out_dir / "tensorboard")
     with StopRequest(ctx, cfg.parallel.timeout_s) as stop, progress or contextlib.nullcontext():
         for epoch in range(position.epoch, cfg.run.epochs + 1):
             train_sums, seconds, stopped = train_one_epoch(
@@ -266,12 +273,16 @@ def _train(cfg: Config, ctx: DistContext, console: Console, resume: bool | None)
                 history.append(row)
                 with (out_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                if job.tensorboard is not None:
+                    job.tensorboard.log_epoch(row)
                 console.print(
                     f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
                     f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | {seconds:.1f}s"
                 )
             position = Position(epoch=epoch + 1, step=0, global_step=position.global_step)
             _checkpoint(job, out_dir, position, None, 0.0)  # the last one is the final model
+    if job.tensorboard is not None:
+        job.tensorboard.close()
     _report_phases(job, console, out_dir)
     return history
 

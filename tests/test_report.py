@@ -247,3 +247,35 @@ def test_tensorboard_logger_writes_the_scalars(tmp_path):
     block1 = events.Scalars("alignment/fig2_angle/block1")
     assert [(s.step, s.value) for s in block1] == [(10, pytest.approx(61.0)), (20, pytest.approx(71.0))]
     assert events.Scalars("alignment_norm_ratio/feedback_angle/block1")[0].value == pytest.approx(1.25)
+
+
+def test_training_with_run_tensorboard_logs_metrics_and_alignment(tmp_path):
+    """Pinpoints ``run.tensorboard = true`` writing nothing (or not the epoch metrics and alignment
+    angles that metrics.jsonl and alignment.jsonl hold)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from parallel_dkp.config import load_config
+    from parallel_dkp.train import train
+
+    train(load_config(None, [
+        "rule.name=dkp", "data.name=synthetic", "data.synthetic_shape=[1, 8, 8]", "data.synthetic_size=64",
+        "data.batch_size=16", "run.progress=false", "run.epochs=2", "analysis.align_every=2",
+        "run.tensorboard=true", f"run.out_dir={tmp_path}"]))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "test/acc", "alignment/fig2_angle/block0", "alignment/grad_angle/block3"} <= tags
+    assert [e.step for e in events.Scalars("test/acc")] == [1, 2]
+
+
+def test_run_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    """Pinpoints a missing tensorboard package discovered after training started (or never)."""
+    import importlib.util
+
+    from parallel_dkp.config import load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'parallel_dkp\[tensorboard\]'"):
+        load_config(None, ["run.tensorboard=true"])

@@ -90,6 +90,12 @@ def build_loaders(cfg: DataConfig, *, seed: int) -> tuple[BatchLoader, BatchLoad
             f"{cfg.train_limit}), fewer than data.batch_size = {cfg.batch_size}, so it would yield "
             "no full batch; lower data.batch_size or raise data.train_limit"
         )
+    if len(test) == 0:
+        where = f" in data.root = {cfg.root!r}" if cfg.root else ""
+        raise ValueError(
+            f"the {cfg.name} test set{where} has no examples, so nothing can be evaluated; check its test "
+            "files (or folder), or get the dataset again"
+        )
     common = dict(batch_size=cfg.batch_size, seed=seed, num_workers=cfg.num_workers)
     train_loader = BatchLoader(train, shuffle=True, drop_last=True, augment=cfg.augment, **common)
     test_loader = BatchLoader(test, shuffle=False, drop_last=False, augment=False, **common)

@@ -28,6 +28,8 @@ from parallel_dkp.data.common import (
     TensorImageDataset,
     check_limit,
     check_md5,
+    check_root_is_folder,
+    download_failed_error,
     missing_data_error,
     target_size,
     to_normalized_tensor,
@@ -99,6 +101,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
+        ("__builtin__", "bytes"),  # ... and empty bytes (an empty array's buffer)
+        ("builtins", "bytes"),
     }
 
     def find_class(self, module: str, name: str):
@@ -117,19 +121,23 @@ def load_batch(path: Path, *, label_key: bytes, md5: str | None = None) -> tuple
         batch = _ArraysOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as err:
         raise ValueError(f"{path}: not a CIFAR python pickle batch ({err}); get the file again") from None
+    again = "the file is corrupt or not a CIFAR batch, get it again"
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: expected a dict in the pickle, got {type(batch).__name__}")
+        raise ValueError(f"{path}: expected a dict in the pickle, got {type(batch).__name__}; {again}")
     # Re-packed copies written by Python 3 may use str keys.
     batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
     for key in (b"data", label_key):
         if key not in batch:
-            raise ValueError(f"{path}: no {key!r} entry (has {sorted(batch)})")
+            raise ValueError(f"{path}: no {key!r} entry (has {sorted(batch, key=repr)}); {again}")
     data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {label_key!r} must be integer class indices ({err}); {again}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: b'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}")
+        raise ValueError(f"{path}: b'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}; {again}")
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
+        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}; {again}")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -139,6 +147,7 @@ def _has_files(folder: Path, layout: CifarLayout) -> bool:
 
 def locate(cfg: DataConfig, layout: CifarLayout) -> Path:
     """The ``cifar-*`` folder; ``data.root`` may be that folder or its parent."""
+    check_root_is_folder(cfg.root)
     root = Path(cfg.root).expanduser() if cfg.root else CACHE_DIR / cfg.name
     candidates = [root, root / layout.folder]
     for folder in candidates:
@@ -166,10 +175,10 @@ def _download(root: Path, layout: CifarLayout) -> None:
     try:
         dataset_class(str(root), train=True, download=True)
     except Exception as err:  # network errors come in many types
-        raise RuntimeError(
-            f"downloading {layout.torchvision_class} into {root} failed ({err}); download and extract "
-            "the archive by hand and set data.root to it"
-        ) from err
+        raise download_failed_error(
+            layout.torchvision_class, root, err,
+            f"download {layout.archive_url} by hand, extract it and set data.root=<folder containing {layout.folder}/>",
+        ) from None
 
 
 def _read_split(
@@ -181,14 +190,18 @@ def _read_split(
         if limit and num_read >= limit:
             break  # with a limit, later batches are never needed
         data, targets = load_batch(folder / name, label_key=layout.label_key, md5=layout.md5.get(name))
+        bad = targets[(targets < 0) | (targets >= layout.num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"{folder / name}: labels must lie in 0..{layout.num_classes - 1}, but {bad.size} are not (e.g. "
+                f"{int(bad[0])}); the file is corrupt or another dataset's, get it again"
+            )
         images.append(data)
         labels.append(targets)
         num_read += len(targets)
     data, targets = np.concatenate(images), np.concatenate(labels)
     if limit:
         data, targets = data[:limit], targets[:limit]
-    if targets.size and not 0 <= targets.min() <= targets.max() < layout.num_classes:
-        raise ValueError(f"{folder}: labels must lie in 0..{layout.num_classes - 1}")
     return TensorImageDataset(to_normalized_tensor(data, layout.stats), torch.from_numpy(targets), size=size)
 
 

@@ -152,6 +152,24 @@ def check_md5(data: bytes, expected: str, *, what: str | Path) -> None:
         )
 
 
+def check_root_is_folder(root: str) -> None:
+    """``data.root`` names a file (a common slip: the archive, or one of the dataset's files)."""
+    if root and Path(root).expanduser().is_file():
+        raise ValueError(
+            f"data.root = {root!r} is a file, not a folder; set data.root to the folder that holds the "
+            "dataset (extract archives first)"
+        )
+
+
+def download_failed_error(dataset: str, root: Path, err: BaseException, remedy: str) -> FileNotFoundError:
+    """The data is not on disk and ``data.download`` could not fetch it (offline, a proxy, a full disk)."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return FileNotFoundError(
+        f"{dataset} is not in {root} and downloading it failed ({reason}). To fix, either:\n"
+        f"  - {remedy}\n  - or retry data.download=true where the internet can be reached"
+    )
+
+
 def missing_data_error(dataset: str, looked_in: Iterable[Path], remedy: Sequence[str]) -> FileNotFoundError:
     """A ``FileNotFoundError`` naming every place looked in and each way to fix it."""
     places = "\n".join(f"  - {p}" for p in looked_in)

@@ -22,6 +22,7 @@ from parallel_dkp.data.common import (
     DatasetInfo,
     Normalization,
     check_limit,
+    check_root_is_folder,
     missing_data_error,
     target_size,
 )
@@ -45,9 +46,19 @@ def image_transform(size: tuple[int, int], stats: Normalization) -> transforms.C
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB (some Tiny ImageNet JPEGs are greyscale)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Open an image as RGB (some Tiny ImageNet JPEGs are greyscale).
+
+    Raises:
+        ValueError: naming the file when it cannot be read or decoded (corrupt, truncated, not
+            an image, too large), so that a bad file deep in an epoch says which one it is.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's decoding errors
+        raise ValueError(
+            f"{path}: cannot read this image ({err}); replace the file with a good copy, or delete it"
+        ) from None
 
 
 class ImageListDataset(Dataset):
@@ -104,8 +115,7 @@ class _FixedClassesImageFolder(ImageFolder):
 
 
 def _first_image_size(dataset: ImageFolder) -> tuple[int, int]:
-    with Image.open(dataset.samples[0][0]) as image:
-        width, height = image.size
+    width, height = load_rgb(dataset.samples[0][0]).size
     return height, width
 
 
@@ -119,9 +129,10 @@ def load_image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     """
     if not cfg.root:
         raise ValueError(
-            "data.name = 'image_folder' needs data.root: a folder with train/<class>/ and "
+            "data.name = 'image_folder' needs data.root: set data.root to a folder with train/<class>/ and "
             "val/<class>/ (or test/<class>/) sub-folders of images"
         )
+    check_root_is_folder(cfg.root)
     root = Path(cfg.root).expanduser()
     train_dir = root / "train"
     test_dirs = [root / name for name in TEST_SPLIT_NAMES]
@@ -139,7 +150,12 @@ def load_image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     try:
         train = ImageFolder(str(train_dir), loader=load_rgb)
     except FileNotFoundError as err:  # no class folders, or no images in them
-        raise FileNotFoundError(f"{train_dir}: {err}; expected {train_dir}/<class>/<images>") from None
+        raise FileNotFoundError(f"{train_dir}: {err}; put the images in {train_dir}/<class>/<images>") from None
+    if len(train.classes) < 2:
+        raise ValueError(
+            f"{train_dir} has one class folder ({train.classes[0]}), but a classifier needs two or more; add a "
+            f"folder of images per class, e.g. {train_dir}/<another class>/"
+        )
     unknown = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(train.class_to_idx))
     if unknown:
         raise ValueError(
@@ -148,7 +164,10 @@ def load_image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
         )
     test = _FixedClassesImageFolder(str(test_dir), class_to_idx=train.class_to_idx, loader=load_rgb, allow_empty=True)
     if len(test) == 0:
-        raise FileNotFoundError(f"{test_dir} holds no images in any of the classes {train.classes}")
+        raise FileNotFoundError(
+            f"{test_dir} holds no images in any of the classes {train.classes}; put test images in "
+            f"{test_dir}/<class>/ (the class names of {train_dir})"
+        )
 
     size = target_size(cfg.image_size) or _first_image_size(train)
     train.transform = test.transform = image_transform(size, IMAGENET_STATS)

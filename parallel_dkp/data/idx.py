@@ -21,6 +21,8 @@ from parallel_dkp.data.common import (
     TensorImageDataset,
     check_limit,
     check_md5,
+    check_root_is_folder,
+    download_failed_error,
     missing_data_error,
     target_size,
     to_normalized_tensor,
@@ -53,6 +55,7 @@ RAW_MD5 = {
 }
 
 NUM_CLASSES = 10
+IMAGE_SIZE = (28, 28)
 
 
 def parse_idx(data: bytes, *, source: str | Path = "<bytes>") -> np.ndarray:
@@ -109,6 +112,7 @@ def _has_all_files(folder: Path) -> bool:
 
 def locate(cfg: DataConfig) -> Path:
     """The folder holding the four files; downloads them first when allowed and missing."""
+    check_root_is_folder(cfg.root)
     root = Path(cfg.root).expanduser() if cfg.root else None
     download_root = root if root is not None else CACHE_DIR / "fashion_mnist"
     # torchvision.datasets.FashionMNIST keeps its files in <root>/FashionMNIST/raw.
@@ -140,10 +144,11 @@ def _download(root: Path) -> None:
     try:
         FashionMNIST(str(root), train=True, download=True)
     except Exception as err:  # network errors come in many types
-        raise RuntimeError(
-            f"downloading Fashion-MNIST into {root} failed ({err}); download the four IDX files "
-            "by hand and set data.root to their folder"
-        ) from err
+        raise download_failed_error(
+            "Fashion-MNIST", root, err,
+            f"on Debian/Ubuntu: apt-get install dataset-fashion-mnist (installs it in {DEBIAN_DIR}); or download "
+            "the four IDX files by hand, put them in a folder and set data.root=<that folder>",
+        ) from None
 
 
 def read_split(folder: Path, split: str, *, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,15 +157,24 @@ def read_split(folder: Path, split: str, *, limit: int) -> tuple[np.ndarray, np.
     images_path, labels_path = find_file(folder, images_name), find_file(folder, labels_name)
     images = read_idx_file(images_path, md5=RAW_MD5[images_name])
     labels = read_idx_file(labels_path, md5=RAW_MD5[labels_name])
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
+    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1:] != IMAGE_SIZE:
+        raise ValueError(
+            f"{images_path}: expected uint8 Fashion-MNIST images [N, 28, 28], got {images.dtype} {images.shape}; "
+            "the file is corrupt or another dataset's, get it again (data.name=image_folder reads other images)"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"{images_path}: holds no images; the file is truncated or corrupt, get it again")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(
             f"{labels_path}: expected {images.shape[0]} labels (one per image in {images_path.name}), "
             f"got shape {labels.shape}"
         )
-    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < NUM_CLASSES:
-        raise ValueError(f"{labels_path}: labels must lie in 0..{NUM_CLASSES - 1}")
+    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if bad.size:
+        raise ValueError(
+            f"{labels_path}: labels must lie in 0..{NUM_CLASSES - 1}, but {bad.size} are not (e.g. {int(bad[0])}); "
+            "the file is corrupt or another dataset's, get it again"
+        )
     if limit:
         images, labels = images[:limit], labels[:limit]
     return images, labels

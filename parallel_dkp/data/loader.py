@@ -175,4 +175,13 @@ class BatchLoader:
 
     def _loader_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)
-        yield from self._dataloader
+        try:
+            yield from self._dataloader
+        except ValueError as err:
+            # A reader's error in a worker process (a corrupt image file) arrives re-raised as "Caught
+            # ValueError in DataLoader worker process N. Original Traceback (most recent call last): ...";
+            # keep the reader's own message, which names the file and the fix.
+            text, marker = str(err), "\nValueError: "
+            if "DataLoader worker" in text and marker in text:
+                raise ValueError(text.rsplit(marker, 1)[1].strip()) from None
+            raise

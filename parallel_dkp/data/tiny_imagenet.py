@@ -23,6 +23,7 @@ from parallel_dkp.data.common import (
     IMAGENET_STATS,
     DatasetInfo,
     check_limit,
+    check_root_is_folder,
     missing_data_error,
     target_size,
 )
@@ -30,12 +31,14 @@ from parallel_dkp.data.folder import ImageListDataset, head, image_transform
 
 FOLDER = "tiny-imagenet-200"
 ARCHIVE_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+REEXTRACT = f"the archive was extracted incompletely or edited; unzip {ARCHIVE_URL} again"
 NATIVE_SIZE = (64, 64)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
 def locate(cfg: DataConfig) -> Path:
     """The ``tiny-imagenet-200`` folder; ``data.root`` may be that folder or its parent."""
+    check_root_is_folder(cfg.root)
     root = Path(cfg.root).expanduser() if cfg.root else CACHE_DIR / "tiny_imagenet"
     candidates = [root, root / FOLDER]
     for folder in candidates:
@@ -54,8 +57,16 @@ def locate(cfg: DataConfig) -> Path:
 
 def read_wnids(folder: Path) -> list[str]:
     wnids = [line.strip() for line in (folder / "wnids.txt").read_text().splitlines() if line.strip()]
-    if len(set(wnids)) != len(wnids) or not wnids:
-        raise ValueError(f"{folder / 'wnids.txt'}: expected distinct WordNet ids, one per line")
+    if not wnids:
+        raise ValueError(f"{folder / 'wnids.txt'}: is empty, expected one WordNet id per line; {REEXTRACT}")
+    repeated = sorted({w for w in wnids if wnids.count(w) > 1})
+    if repeated:
+        raise ValueError(
+            f"{folder / 'wnids.txt'}: lists {', '.join(repeated[:3])} more than once, expected distinct WordNet ids, "
+            f"one per line; {REEXTRACT}"
+        )
+    if len(wnids) < 2:
+        raise ValueError(f"{folder / 'wnids.txt'}: lists one class, a classifier needs two or more; {REEXTRACT}")
     return wnids
 
 
@@ -69,7 +80,7 @@ def train_samples(folder: Path, wnids: list[str]) -> list[tuple[str, int]]:
     for label, wnid in enumerate(wnids):
         images_dir = folder / "train" / wnid / "images"
         if not images_dir.is_dir():
-            raise FileNotFoundError(f"{images_dir} is missing; wnids.txt lists {wnid}. Re-extract {FOLDER}")
+            raise FileNotFoundError(f"{images_dir} is missing, but wnids.txt lists {wnid}; {REEXTRACT}")
         samples.extend((str(p), label) for p in _images_in(images_dir))
     return samples
 
@@ -78,7 +89,7 @@ def val_samples(folder: Path, wnids: list[str]) -> list[tuple[str, int]]:
     """``(path, label)`` for every line of ``val/val_annotations.txt``, in file order."""
     annotations = folder / "val" / "val_annotations.txt"
     if not annotations.is_file():
-        raise FileNotFoundError(f"{annotations} is missing; it labels the validation images. Re-extract {FOLDER}")
+        raise FileNotFoundError(f"{annotations} is missing; it labels the validation images; {REEXTRACT}")
     label_of = {wnid: i for i, wnid in enumerate(wnids)}
     samples = []
     for line_number, line in enumerate(annotations.read_text().splitlines(), start=1):
@@ -88,9 +99,15 @@ def val_samples(folder: Path, wnids: list[str]) -> list[tuple[str, int]]:
         if len(fields) < 2 or fields[1] not in label_of:
             raise ValueError(
                 f"{annotations}:{line_number}: expected '<file>\\t<wnid>\\t...' with a wnid from "
-                f"wnids.txt, got {line!r}"
+                f"wnids.txt, got {line!r}; {REEXTRACT}"
             )
         samples.append((str(folder / "val" / "images" / fields[0]), label_of[fields[1]]))
+    # Checked now rather than when evaluation reaches them, after a whole epoch of training.
+    missing = [path for path, _ in samples if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{annotations} labels {len(missing)} image(s) that do not exist, e.g. {missing[0]}; {REEXTRACT}"
+        )
     return samples
 
 
@@ -107,7 +124,9 @@ def load_tiny_imagenet(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     train = ImageListDataset(train_samples(folder, wnids), transform=transform)
     test = ImageListDataset(val_samples(folder, wnids), transform=transform)
     if len(train) == 0:
-        raise FileNotFoundError(f"no training images under {folder / 'train'}/<wnid>/images/")
+        raise FileNotFoundError(f"no training images under {folder / 'train'}/<wnid>/images/; {REEXTRACT}")
+    if len(test) == 0:
+        raise FileNotFoundError(f"{folder / 'val' / 'val_annotations.txt'} labels no images; {REEXTRACT}")
     info = DatasetInfo("tiny_imagenet", len(wnids), (3, *size))
     train_limit = check_limit("train_limit", cfg.train_limit)
     test_limit = check_limit("test_limit", cfg.test_limit)
