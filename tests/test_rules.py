@@ -348,3 +348,14 @@ def test_like_weight_feedback_has_the_forward_layers_scale(rule):
         assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.05)
     for (wide, _), (narrow, _) in zip(stds["kaiming_uniform"], stds["like_weight"]):
         assert wide / narrow == pytest.approx(math.sqrt(6), rel=0.05)
+
+
+@pytest.mark.parametrize("model_name,shape", [("alexnet_small", (3, 32, 32)), ("alexnet", (3, 224, 224))])
+def test_alexnet_dropout_sits_before_both_hidden_fc_layers(model_name, shape):
+    """Pinpoints ``model.dropout`` missing from AlexNet's FC blocks (or appearing elsewhere)."""
+    from parallel_dkp.config import ModelConfig
+
+    for p, expected in ((0.0, 0), (0.5, 2)):
+        blocks = make_blocks(ModelConfig(name=model_name, dropout=p), shape, num_classes=10)
+        found = [(i, m.p) for i, b in enumerate(blocks) for m in b.modules() if isinstance(m, nn.Dropout)]
+        assert [i for i, _ in found] == ([5, 6] if expected else []) and all(q == p for _, q in found)

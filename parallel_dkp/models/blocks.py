@@ -101,6 +101,11 @@ def _fc_block(d_in: int, d_out: int, *, bn: bool, pre: tuple[nn.Module, ...] = (
     return nn.Sequential(*pre, nn.Linear(d_in, d_out), _norm("fc", d_out, bn), nn.ReLU())
 
 
+def _dropout(cfg: ModelConfig) -> tuple[nn.Module, ...]:
+    """AlexNet's dropout before each hidden FC layer, as torchvision's and the authors' code have it."""
+    return (nn.Dropout(cfg.dropout),) if cfg.dropout > 0 else ()
+
+
 def _output_block(d_in: int, num_classes: int, *, flatten: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()] if flatten else []
     return nn.Sequential(*layers, nn.Linear(d_in, num_classes))
@@ -157,7 +162,8 @@ def _conv2(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
 def _alexnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[BlockSpec]:
     """AlexNet (torchvision's channel widths) with BN before every hidden ReLU, 224x224 inputs.
 
-    Five conv blocks and two 4096-wide FC blocks; no dropout (the paper relies on BN).
+    Five conv blocks and two 4096-wide FC blocks, with ``model.dropout`` before each of the two
+    (the authors' code: 0.5; the paper mentions only BN).
     """
     c, h, w = _image_shape(input_shape, "alexnet")
     if (h, w) != (224, 224):
@@ -172,8 +178,8 @@ def _alexnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -
         BlockSpec("conv2", lambda: _conv_block(192, 384, kernel=3, padding=1, bn=bn)),
         BlockSpec("conv3", lambda: _conv_block(384, 256, kernel=3, padding=1, bn=bn)),
         BlockSpec("conv4", lambda: _conv_block(256, 256, kernel=3, padding=1, pool=3, pool_stride=2, bn=bn)),
-        BlockSpec("fc5", lambda: _fc_block(256 * 6 * 6, 4096, bn=bn, pre=(nn.Flatten(),))),
-        BlockSpec("fc6", lambda: _fc_block(4096, 4096, bn=bn)),
+        BlockSpec("fc5", lambda: _fc_block(256 * 6 * 6, 4096, bn=bn, pre=(nn.Flatten(), *_dropout(cfg)))),
+        BlockSpec("fc6", lambda: _fc_block(4096, 4096, bn=bn, pre=_dropout(cfg))),
         BlockSpec("out", lambda: _output_block(4096, num_classes)),
     ]
 
@@ -192,8 +198,8 @@ def _alexnet_small(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         BlockSpec("conv2", lambda: _conv_block(192, 384, kernel=3, padding=1, bn=bn)),
         BlockSpec("conv3", lambda: _conv_block(384, 256, kernel=3, padding=1, bn=bn)),
         BlockSpec("conv4", lambda: _conv_block(256, 256, kernel=3, padding=1, pool=2, bn=bn)),
-        BlockSpec("fc5", lambda: _fc_block(flat, 1024, bn=bn, pre=(nn.Flatten(),))),
-        BlockSpec("fc6", lambda: _fc_block(1024, 1024, bn=bn)),
+        BlockSpec("fc5", lambda: _fc_block(flat, 1024, bn=bn, pre=(nn.Flatten(), *_dropout(cfg)))),
+        BlockSpec("fc6", lambda: _fc_block(1024, 1024, bn=bn, pre=_dropout(cfg))),
         BlockSpec("out", lambda: _output_block(1024, num_classes)),
     ]
 
