@@ -8,7 +8,7 @@ reshaped like ``a_j``, where ``s`` is the output error ``e = (softmax(h) - oneho
 signal (its DFA's ``(y - labels)·B`` and DRTP's ``labels·B`` are both batch sums); ours divides
 both, keeping their ratio and putting every rule on the scale of the mean loss that the shared
 forward learning rate is set for. (Without the 1/N, one epoch of conv2 on 15 000 Fashion-MNIST
-images ended at test loss 167 and 75.7 %, against 86.9 % with it.) The block then
+images ended at test loss 167.5 and 75.7 %, against 0.47 and 84.5 % with it.) The block then
 backpropagates ``g_j`` inside itself only.
 
 DKP also learns ``B_j``: ``∇B_j = e^T · a_j`` (paper eq. 7-8, weight decay from the feedback
