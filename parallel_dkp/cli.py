@@ -162,14 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         # Our own FileNotFoundErrors (no dataset, no checkpoint) carry their message and no filename; a
         # file-system error on a path the user chose (run.out_dir, --out, data.root) names that path. An
         # OSError without a path (sockets, devices) is not the user's to fix here: it keeps its traceback.
-        if err.filename is None:
-            if not isinstance(err, FileNotFoundError):
+        if not isinstance(err.filename, (str, bytes, os.PathLike)):
+            if err.filename is not None or not isinstance(err, FileNotFoundError):
                 raise
             console.print(f"[bold red]error:[/] {escape(str(err))}")
             return 2
         import errno
 
-        path = Path(os.path.abspath(err.filename))
+        filename = os.fsdecode(err.filename)
+        path = Path(os.path.abspath(filename))
         out = getattr(args, "out", None)
         origins = [(f"--out {out}", Path(os.path.abspath(out))) if out else None,
                    (f"run.out_dir = {cfg.run.out_dir!r}", Path(os.path.abspath(cfg.run.out_dir))),
@@ -183,12 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             IsADirectoryError: "it is a folder, not a file; give a file path",
             FileNotFoundError: "its folder does not exist; create it, or choose another path",
         }.get(type(err), "check that path, or choose another one")
+        if isinstance(err, FileNotFoundError) and path.parent.is_dir():
+            hint = "it does not exist (deleted or moved while the run used it?); check that path"
         if err.errno == errno.ENOSPC:
             hint = "the disk is full; free some space, or choose a path on another disk"
         elif err.errno == errno.EROFS:
             hint = "that file system is read-only; choose a writable path"
         given = f" (from {origin})" if origin else ""
-        console.print(f"[bold red]error:[/] {escape(str(err.filename))}{escape(given)}: {err.strerror}; {hint}")
+        console.print(f"[bold red]error:[/] {escape(filename)}{escape(given)}: {err.strerror}; {hint}")
         return 2
     except (MemoryError, RuntimeError) as err:  # only running out of memory; other RuntimeErrors are bugs
         import re

@@ -47,7 +47,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-MODEL_NAMES = ("mlp", "conv2", "alexnet", "alexnet_small")
+MODEL_NAMES = ("mlp", "conv2", "alexnet", "alexnet_small", "vit", "convdeep")
 DATA_NAMES = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "image_folder", "synthetic")
 
 
@@ -104,11 +104,13 @@ class ModelConfig:
     """The network, as a list of blocks."""
 
     name: str = "conv2"
-    """One of mlp, conv2, alexnet (224x224 inputs), alexnet_small (32x32 / 64x64 inputs)."""
+    """One of mlp, conv2, alexnet (224x224 inputs), alexnet_small (32x32 / 64x64 inputs), and two networks
+    of equal blocks whose layer-parallel stages can cost the same: vit, convdeep."""
     widths: tuple[int, ...] = (256, 256, 256)
     """Hidden widths of ``mlp``."""
     batch_norm: bool = True
-    """BN before every hidden activation (the paper needs it for DFA/DKP stability)."""
+    """BN before every hidden activation (the paper needs it for DFA/DKP stability); in ``vit``, a
+    LayerNorm on every transformer block's output, for the same reason."""
     dropout: float = 0.0
     """Dropout before AlexNet's two hidden FC layers (alexnet, alexnet_small; torchvision's place).
     The paper mentions only BN; the authors' AlexNet code uses 0.5, which the AlexNet configs set.
@@ -118,6 +120,19 @@ class ModelConfig:
     """Zero padding of conv2's 3x3 convolutions. Table 3's Linear(6272, 128) is 1 on 28x28
     Fashion-MNIST (28 → pool → 14·14·32) and 0 on 32x32 CIFAR-10 (32 → 30 → 28 → pool →
     14·14·32, as the authors' code does); the shipped configs set it so."""
+    dim: int = 64
+    """Token width of ``vit`` (must be divisible by ``heads``)."""
+    heads: int = 4
+    """Attention heads of ``vit``."""
+    patch: int = 7
+    """Side of ``vit``'s square patches; the image sides must be divisible by it (7: 16 tokens on
+    28x28 Fashion-MNIST; use 4 or 8 on 32x32 CIFAR)."""
+    depth: int = 4
+    """Number of equal hidden blocks of ``vit`` (transformer blocks; the first also holds the patch
+    embedding) and ``convdeep`` (3x3 conv blocks; the first also holds the stem): ``depth + 1`` blocks
+    with the output block."""
+    width: int = 32
+    """Channels of every ``convdeep`` convolution (``mlp`` keeps its own ``widths``)."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +269,13 @@ class Config:
         if self.model.conv_padding < 0:
             raise ValueError(
                 f"model.conv_padding must be >= 0, got {self.model.conv_padding}; set model.conv_padding=1"
+            )
+        for key in ("dim", "heads", "patch", "depth", "width"):  # vit and convdeep sizes
+            _at_least(f"model.{key}", getattr(self.model, key), 1, "a vit/convdeep size", getattr(ModelConfig(), key))
+        if self.model.name == "vit" and self.model.dim % self.model.heads:
+            raise ValueError(
+                f"model.dim = {self.model.dim} must be divisible by model.heads = {self.model.heads} (each head "
+                f"gets dim/heads channels); set e.g. model.dim={self.model.heads * 16} or model.heads=1"
             )
         if self.analysis.align_every < 0:
             raise ValueError(

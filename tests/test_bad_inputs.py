@@ -343,6 +343,13 @@ DATA_CASES = {
     "fmnist-images-zero-wide": (
         lambda t, m: _fashion_mnist(t, train_images_idx3_ubyte=np.zeros((16, 28, 0), np.uint8)),
         ValueError, ["{root}/train-images-idx3-ubyte.gz", "(16, 28, 0)", "get it again"]),
+    "fmnist-fewer-labels-than-images": (
+        lambda t, m: _fashion_mnist(t, train_labels_idx1_ubyte=np.zeros(10, np.uint8)),
+        ValueError, ["{root}/train-labels-idx1-ubyte.gz", "expected 16 labels", "get both again"]),
+    "fmnist-header-overflows": (
+        lambda t, m: _edit(_fashion_mnist(t), "t10k-images-idx3-ubyte.gz", lambda p: p.write_bytes(
+            gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 4_000_000_000, 4_000_000_000, 4_000_000_000)))),
+        ValueError, ["{root}/t10k-images-idx3-ubyte.gz", "64000000000000000000000000016 bytes", "get it again"]),
     "fmnist-no-test-images": (
         lambda t, m: _fashion_mnist(t, t10k_images_idx3_ubyte=np.zeros((0, 28, 28), np.uint8),
                                     t10k_labels_idx1_ubyte=np.zeros(0, np.uint8)),
@@ -526,6 +533,26 @@ def test_os_error_on_a_user_path_names_path_key_and_fix(capsys, monkeypatch, err
     assert code == 2 and text.startswith("error:"), text
     for needle in needles:
         assert needle in text, text
+
+
+def test_missing_file_in_an_existing_folder_is_not_blamed_on_the_folder(tmp_path, capsys, monkeypatch):
+    """Pinpoints a file deleted under a run (a checkpoint shard) reported as "its folder does not exist"."""
+    shard = tmp_path / "checkpoints" / "step-00000001" / "shard-00.pt"
+    shard.parent.mkdir(parents=True)
+    _train_raises(monkeypatch, FileNotFoundError(errno.ENOENT, "No such file or directory", str(shard)))
+    code, text = _main(capsys, "train", "--set", f"run.out_dir={tmp_path}")
+    assert code == 2 and f"{shard} (from run.out_dir = '{tmp_path}')" in text, text
+    assert "it does not exist" in text and "folder does not exist" not in text
+
+
+def test_eval_out_that_is_a_folder_names_the_option(tmp_path, capsys, monkeypatch):
+    """Pinpoints ``eval --out <a folder>`` ending in an IsADirectoryError traceback after the evaluation."""
+    import parallel_dkp.train
+
+    monkeypatch.setattr(parallel_dkp.train, "evaluate_checkpoint", lambda cfg, **kwargs: {"test_acc": 0.5})
+    code, text = _main(capsys, "eval", "--out", str(tmp_path))
+    assert code == 2 and f"{tmp_path} (from --out {tmp_path}): Is a directory" in text, text
+    assert "give a file path" in text
 
 
 def test_out_of_memory_names_the_sizes_to_lower(capsys, monkeypatch):

@@ -343,7 +343,7 @@ def test_like_weight_feedback_has_the_forward_layers_scale(rule):
         stage = Stage(list(blocks), indices=range(3), num_blocks=3, rule=RULES[rule](feedback_init=init),
                       out_shapes=block_output_shapes(blocks, shape), num_classes=300, seed=0)
         feedback = [m.weight for m in stage.modules() if isinstance(m, Feedback)]
-        stds[init] = [(float(b.std()), b.shape[1]) for b in feedback]
+        stds[init] = [(float(b.detach().std()), b.shape[1]) for b in feedback]
     for std, fan_in in stds["like_weight"]:
         assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.05)
     for (wide, _), (narrow, _) in zip(stds["kaiming_uniform"], stds["like_weight"]):

@@ -116,3 +116,25 @@ def poison_one_gradient(rank: int, world_size: int, out_dir: str, overrides: lis
     except NonFiniteError as err:
         record = {"ended": "nonfinite", "message": str(err)}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+BALANCED_MODELS = {
+    "vit": ["model.name=vit", "model.dim=8", "model.heads=2", "model.patch=2", "model.depth=2"],
+    "convdeep": ["model.name=convdeep", "model.width=4", "model.depth=2"],
+}
+"""Tiny ``vit`` and ``convdeep`` (3 blocks each) on small_config's 1x8x8 synthetic images."""
+
+
+def balanced_config(model: str, rule: str, *, partition=(), microbatches=2) -> Config:
+    return small_config(rule, partition=partition, microbatches=microbatches, extra=BALANCED_MODELS[model])
+
+
+def train_balanced_models(rank: int, world_size: int, out_dir: str, models: list[str], rules: list[str], partition,
+                          microbatches: int, steps: int):
+    """``run_steps`` for every (model, rule) of the tiny balanced networks; ``{model}-{rule}-rank{r}.pt``."""
+    for model in models:
+        for rule in rules:
+            cfg = balanced_config(model, rule, partition=partition, microbatches=microbatches)
+            ctx = init_distributed(cfg.parallel, cfg.run)
+            torch.save(run_steps(cfg, ctx, steps), Path(out_dir) / f"{model}-{rule}-rank{rank}.pt")
+    dist.destroy_process_group()

@@ -151,16 +151,16 @@ def load_image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
         train = ImageFolder(str(train_dir), loader=load_rgb)
     except FileNotFoundError as err:  # no class folders, or no images in them
         raise FileNotFoundError(f"{train_dir}: {err}; put the images in {train_dir}/<class>/<images>") from None
-    if len(train.classes) < 2:
-        raise ValueError(
-            f"{train_dir} has one class folder ({train.classes[0]}), but a classifier needs two or more; add a "
-            f"folder of images per class, e.g. {train_dir}/<another class>/"
-        )
     unknown = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(train.class_to_idx))
     if unknown:
         raise ValueError(
             f"{test_dir} has classes {unknown} that {train_dir} lacks; every test class needs "
             "training images (or remove those folders)"
+        )
+    if len(train.classes) < 2:
+        raise ValueError(
+            f"{train_dir} has one class folder ({train.classes[0]}), but a classifier needs two or more; add a "
+            f"folder of images per class, e.g. {train_dir}/<another class>/"
         )
     test = _FixedClassesImageFolder(str(test_dir), class_to_idx=train.class_to_idx, loader=load_rgb, allow_empty=True)
     if len(test) == 0:

@@ -8,6 +8,7 @@ uint32 sizes, then the elements in C order, big-endian.
 from __future__ import annotations
 
 import gzip
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def parse_idx(data: bytes, *, source: str | Path = "<bytes>") -> np.ndarray:
     if len(data) < header_len:
         raise ValueError(f"{source}: IDX header announces {ndim} dimensions but the file ends early")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected_len = header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected_len = header_len + math.prod(shape) * dtype.itemsize  # Python ints: a corrupt header may overflow int64
     if len(data) != expected_len:
         raise ValueError(
             f"{source}: IDX header says shape {shape} ({expected_len} bytes) but the file has "
@@ -167,7 +168,7 @@ def read_split(folder: Path, split: str, *, limit: int) -> tuple[np.ndarray, np.
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(
             f"{labels_path}: expected {images.shape[0]} labels (one per image in {images_path.name}), "
-            f"got shape {labels.shape}"
+            f"got shape {labels.shape}; one of the two files is truncated, corrupt or from another copy, get both again"
         )
     bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
     if bad.size:

@@ -1,11 +1,14 @@
-"""Block lists for the paper's networks: ``mlp``, ``conv2`` (Table 3) and AlexNet with BN."""
+"""Block lists for the paper's networks: ``mlp``, ``conv2`` (Table 3) and AlexNet with BN; and two
+networks of equal blocks, so that layer-parallel stages can cost the same: ``vit`` and ``convdeep``."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from parallel_dkp.config import ModelConfig
@@ -70,7 +73,8 @@ def block_output_shapes(blocks: nn.ModuleList, input_shape: tuple[int, ...]) -> 
 
 
 def block_specs(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int) -> list[BlockSpec]:
-    builders = {"mlp": _mlp, "conv2": _conv2, "alexnet": _alexnet, "alexnet_small": _alexnet_small}
+    builders = {"mlp": _mlp, "conv2": _conv2, "alexnet": _alexnet, "alexnet_small": _alexnet_small,
+                "vit": _vit, "convdeep": _convdeep}
     if cfg.name not in builders:
         raise ValueError(f"model.name = {cfg.name!r} is not one of {', '.join(builders)}")
     return builders[cfg.name](cfg, input_shape, num_classes)
@@ -204,6 +208,152 @@ def _alexnet_small(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: 
     ]
 
 
+# --------------------------------------------------------------------------- balanced networks
+#
+# Layer parallelism pays only when every stage costs the same (DESIGN.md §2, "Balance"). These two
+# networks are stacks of identical blocks; the first block also carries the input layer (patch
+# embedding or stem convolution), the output block is a small head. Measured on the 2-core CPU
+# (one thread, batch 128, 28x28, forward + backward without input gradient, a busy machine):
+# vit's block 0 costs what the others do (31 vs 28-32 ms; its patch embedding 3 ms), convdeep's
+# about twice (186 vs 93-100 ms: the stem's BN and ReLU on width·H·W values, and the input
+# gradient inside block 0 that the stem's weights need).
+
+
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention from plain ``nn.Linear`` layers (one for q, k, v, one for the output).
+
+    Not ``nn.MultiheadAttention``: its input projection is a bare parameter, not an ``nn.Linear``,
+    so FA/KP could not give it a feedback twin. ``[B, T, D] -> [B, T, D]``.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        b, t, d = x_BTD.shape
+        qkv = self.qkv(x_BTD).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out_BHTd = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out_BHTd.transpose(1, 2).reshape(b, t, d))
+
+
+class _TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (MLP ratio 4, GELU),
+    and with ``out_norm`` a LayerNorm of the block's output. ``[B, T, D] -> [B, T, D]``.
+
+    Why ``out_norm`` (``model.batch_norm``, on by default): under a direct rule the block's input
+    is cut and its signal ``s·B_j`` does not shrink as its output grows (the head normalises the
+    tokens, so the error does not see their scale); the products inside the branches (the MLP's
+    two layers, values and output projection) then grow exponentially. Measured on Fashion-MNIST
+    (dim 64, depth 4, dkp, SGD lr 1e-2): without it the block outputs (and ∇B_j with them) grew
+    ~2x every 5 steps and the loss went non-finite at step 48 of the first epoch; at lr 3e-3 they
+    still grew ~9x in 15 steps, the loss stuck at 2.0. With it, the loss fell to 1.6 in 78 steps.
+    Normalising the output bounds it, as BN does for the conv blocks.
+    """
+
+    def __init__(self, dim: int, heads: int, *, out_norm: bool, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.norm_out = nn.LayerNorm(dim) if out_norm else nn.Identity()
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.norm1(x_BTD))
+        return self.norm_out(x_BTD + self.mlp(self.norm2(x_BTD)))
+
+
+class _PatchEmbedding(nn.Module):
+    """Non-overlapping patches to tokens: ``Conv2d(C, D, patch, stride=patch)``, flattened, plus a
+    learned position embedding (no class token; the head averages the tokens).
+    ``[B, C, H, W] -> [B, (H/patch)·(W/patch), D]``."""
+
+    def __init__(self, channels: int, dim: int, patch: int, num_tokens: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, num_tokens, dim), std=0.02))
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        # contiguous: the transposed layout would otherwise carry on through every residual sum, and
+        # torch.distributed.pipelining rejects a stage input whose strides differ from a fresh tensor's
+        return self.proj(x_BCHW).flatten(2).transpose(1, 2).contiguous() + self.pos
+
+
+class _MeanTokens(nn.Module):
+    """``[B, T, D] -> [B, D]``: the average over tokens."""
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return x_BTD.mean(dim=1)
+
+
+def _vit(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[BlockSpec]:
+    """A small Vision Transformer of ``model.depth`` identical pre-norm blocks (width ``model.dim``,
+    ``model.heads`` heads) on ``model.patch``-sided patches: ``depth + 1`` blocks.
+
+    Block 0 is the patch embedding and the first transformer block, blocks 1..depth-1 one
+    transformer block each, the output block LayerNorm, mean over tokens and ``Linear(dim, K)``.
+    With ``model.batch_norm`` (the default) every transformer block also ends with a LayerNorm of
+    its output, without which DFA/DKP diverge (see ``_TransformerBlock``).
+    A hidden block's output is ``[tokens, dim]``, so a direct rule's ``B_j`` is
+    ``K × tokens·dim``. The only convolution is the patch embedding, so ``bp_fc_only`` freezes
+    just that (and trains every transformer block). The image sides must be divisible by
+    ``model.patch``; that is checked when block 0 is built, not here, so that the block count
+    can be taken from any dummy input (``num_blocks``).
+    """
+    c, h, w = _image_shape(input_shape, "vit")
+    if cfg.dim % cfg.heads:
+        raise ValueError(
+            f"vit: model.dim = {cfg.dim} is not divisible by model.heads = {cfg.heads}; set e.g. "
+            f"model.heads={math.gcd(cfg.dim, cfg.heads)} or model.dim={cfg.heads * max(1, cfg.dim // cfg.heads)}"
+        )
+
+    def embedding_and_first() -> nn.Sequential:
+        if h % cfg.patch or w % cfg.patch:
+            fits = [p for p in range(2, min(h, w) // 2 + 1) if h % p == 0 and w % p == 0] or [1]
+            raise ValueError(
+                f"vit cuts {h}x{w} images into patches of side model.patch = {cfg.patch}, which does not divide "
+                f"both sides; set model.patch to one of {fits}, or data.image_size to a multiple of it"
+            )
+        num_tokens = (h // cfg.patch) * (w // cfg.patch)
+        return nn.Sequential(_PatchEmbedding(c, cfg.dim, cfg.patch, num_tokens), transformer())
+
+    def transformer() -> _TransformerBlock:
+        return _TransformerBlock(cfg.dim, cfg.heads, out_norm=cfg.batch_norm)
+
+    return [
+        BlockSpec("embed+attn0", embedding_and_first),
+        *(BlockSpec(f"attn{i}", transformer) for i in range(1, cfg.depth)),
+        BlockSpec("out", lambda: nn.Sequential(nn.LayerNorm(cfg.dim), _MeanTokens(), nn.Linear(cfg.dim, num_classes))),
+    ]
+
+
+def _convdeep(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[BlockSpec]:
+    """``model.depth`` equal conv blocks at the input's resolution: ``depth + 1`` blocks.
+
+    Block 0 is a stem (3x3 conv C→width, BN, ReLU) and the first width→width block; blocks
+    1..depth-1 are 3x3 conv width→width (padding 1), BN, ReLU each; the output block global
+    average pooling and ``Linear(width, K)`` (the only pooling). A hidden block's output is
+    ``[width, H, W]``, so a direct rule's ``B_j`` is ``K × width·H·W``. ``bp_fc_only`` freezes
+    every convolution and BN here: only the output layer learns.
+    """
+    c, _, _ = _image_shape(input_shape, "convdeep")
+    width, bn = cfg.width, cfg.batch_norm
+
+    def stem_and_first() -> nn.Sequential:
+        return nn.Sequential(*_conv_block(c, width, kernel=3, padding=1, bn=bn),
+                             *_conv_block(width, width, kernel=3, padding=1, bn=bn))
+
+    return [
+        BlockSpec("stem+conv0", stem_and_first),
+        *(BlockSpec(f"conv{i}", lambda: _conv_block(width, width, kernel=3, padding=1, bn=bn))
+          for i in range(1, cfg.depth)),
+        BlockSpec("out", lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))),
+    ]
+
+
 def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise ValueError(f"{model} needs image inputs (C, H, W), got shape {input_shape}; use model.name=mlp")
@@ -215,8 +365,10 @@ def num_blocks(cfg: ModelConfig) -> int:
 
     The count does not depend on the data: the specs are built for a dummy input that every
     model accepts (224x224 RGB for ``alexnet``, 32x32 RGB otherwise) and never called, so no
-    dataset is read and no parameter is allocated. Raises ValueError for a model the config
-    cannot build (e.g. ``mlp`` with no ``widths``).
+    dataset is read and no parameter is allocated. (``vit`` checks that the image sides are
+    divisible by ``model.patch`` only when its patch embedding is built, so the default patch 7
+    counts its blocks on the 32x32 dummy too.) Raises ValueError for a model the config cannot
+    build (e.g. ``mlp`` with no ``widths``, ``vit`` with ``model.dim`` not divisible by ``model.heads``).
     """
     dummy = (3, 224, 224) if cfg.name == "alexnet" else (3, 32, 32)
     return len(block_specs(cfg, input_shape=dummy, num_classes=10))
