@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -103,14 +104,41 @@ def latest(out_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint on disk cannot be used: a damaged or missing file, or another model's weights."""
+
+
+_MANIFEST_KEYS = {"position", "partition", "shards", "config"}
+
+
+def _damaged(directory: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {directory} is damaged: {problem}; delete that folder (rm -r {directory}) to resume from "
+        "the checkpoint before it, if any, or pass --no-resume to start over in run.out_dir"
+    )
+
+
 def read_manifest(directory: Path) -> dict:
-    return json.loads((Path(directory) / MANIFEST).read_text())
+    """The manifest of checkpoint ``directory``; CheckpointError (naming the file and the fix) when damaged."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise _damaged(Path(directory), f"cannot read {path} ({err})") from None
+    if not isinstance(manifest, dict) or not _MANIFEST_KEYS <= set(manifest):
+        missing = sorted(_MANIFEST_KEYS - set(manifest)) if isinstance(manifest, dict) else sorted(_MANIFEST_KEYS)
+        raise _damaged(Path(directory), f"{path} lacks {', '.join(missing)}")
+    return manifest
 
 
 def config_differences(saved: dict, cfg: Config) -> list[str]:
     """``key: old -> new`` for every value that differs between a checkpoint's config and
     ``cfg``, ignoring the keys a resumed run may change (layout, display, epochs)."""
-    old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(to_dict(cfg))))
+    defaults = _flatten(json.loads(json.dumps(to_dict(Config()))))
+    # A key the code gained after the checkpoint was written counts as its default, so that a
+    # new option never makes an old run un-resumable.
+    old = {**defaults, **_flatten(json.loads(json.dumps(saved)))}
+    new = _flatten(json.loads(json.dumps(to_dict(cfg))))
     found = []
     for key in sorted(set(old) | set(new)):
         section, _, name = key.partition(".")
@@ -144,17 +172,33 @@ def load(directory: Path, *, stage: Stage, optimizers: Optimizers | None, device
     for (start, stop), name in zip(manifest["partition"], manifest["shards"]):
         if not own & set(range(start, stop)):
             continue
-        shard = torch.load(Path(directory) / name, map_location="cpu", weights_only=False)
-        model.update(shard["model"])
-        optim_states.append(shard["optimizers"])
-        if (start, stop) == (stage.indices.start, stage.indices.stop):
-            rng = shard["rng"]
-    stage.load_global_state_dict(model)
+        path = Path(directory) / name
+        try:
+            shard = torch.load(path, map_location="cpu", weights_only=False)
+            model.update(shard["model"])
+            optim_states.append(shard["optimizers"])
+            if (start, stop) == (stage.indices.start, stage.indices.stop):
+                rng = shard["rng"]
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError) as err:
+            # truncated or garbage file (torch's zip reader raises RuntimeError), missing file, another format
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise _damaged(Path(directory), f"cannot load shard {path} ({type(err).__name__}: {reason})") from None
+    try:
+        stage.load_global_state_dict(model)
+    except RuntimeError as err:  # load_state_dict's size mismatch: the checkpoint is another network's
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(
+            f"checkpoint {directory} holds another network ({first}); use the config it was trained with, "
+            f"e.g. --config {Path(directory).parent.parent / 'config.toml'}"
+        ) from None
     if optimizers is not None:
         load_optimizers_state(stage, optimizers, optim_states)
     if restore_rng and rng is not None:
         _set_rng_state(rng, device)
-    return Position(**manifest["position"])
+    try:
+        return Position(**manifest["position"])
+    except TypeError as err:
+        raise _damaged(Path(directory), f"its manifest's position is not one ({err})") from None
 
 
 # --------------------------------------------------------------------------- optimizer state

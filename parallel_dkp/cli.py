@@ -78,6 +78,12 @@ def _bench(args, cfg, console: Console) -> None:
     from parallel_dkp.parallel.distributed import distributed
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not rules:
+        raise ValueError(f"--rules {args.rules!r} names no rule; give a comma-separated list, e.g. --rules bp,dfa,dkp "
+                         "(the first is the baseline)")
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps {args.steps} --warmup {args.warmup}: bench needs at least one timed step and no "
+                         "negative warm-up; set e.g. --steps 20 --warmup 3")
 
     def config_for(rule: str, extra=()) -> Config:
         # The same loader as train: per-rule sections and validation apply to every rule.

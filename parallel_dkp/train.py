@@ -301,6 +301,15 @@ def evaluate_checkpoint(cfg: Config, *, directory: str | Path | None = None,
             f"no complete checkpoint {'at ' + str(directory) if directory else 'in ' + cfg.run.out_dir}; "
             "train first, or point --checkpoint at a checkpoint folder (one holding manifest.json)"
         )
+    # The network's shape comes from these keys: a checkpoint of another one cannot be loaded.
+    shaping = ("model.", "rule.name", "data.name", "data.image_size", "data.synthetic_shape", "data.synthetic_classes")
+    differences = [d for d in checkpoint.config_differences(checkpoint.read_manifest(found)["config"], cfg)
+                   if d.startswith(shaping)]
+    if differences:
+        raise ValueError(
+            f"checkpoint {found} was trained with another network ({'; '.join(differences[:4])}); evaluate it with "
+            f"the config it was trained with: --config {found.parent.parent / 'config.toml'}"
+        )
     with distributed(cfg.parallel, cfg.run) as ctx:
         job = build_job(cfg, ctx)
         checkpoint.load(found, stage=job.stage, optimizers=None, device=ctx.device, restore_rng=False)

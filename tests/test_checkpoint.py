@@ -223,3 +223,16 @@ def test_trained_on_four_ranks_evaluated_on_one(tmp_path):
     assert evaluated["test_examples"] == last["test_examples"]
     assert evaluated["test_acc"] == pytest.approx(last["test_acc"])
     assert evaluated["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+
+
+def test_a_checkpoint_from_before_a_new_option_still_resumes():
+    """Pinpoints a new config key making every older run un-resumable: a saved config that lacks a
+    key the code has since gained compares as that key's default."""
+    from parallel_dkp.config import to_dict
+
+    cfg = load_config(None, RUN)
+    saved = to_dict(cfg)
+    del saved["model"]["conv_padding"], saved["analysis"]
+    assert checkpoint.config_differences(saved, cfg) == []
+    changed = load_config(None, [*RUN, "model.conv_padding=0"])
+    assert checkpoint.config_differences(saved, changed) == ["model.conv_padding: 1 -> 0"]
