@@ -248,16 +248,8 @@ class Config:
                 f"data.batch_size ({self.data.batch_size}) must be a positive multiple of "
                 f"parallel.microbatches ({self.parallel.microbatches}); change one of them"
             )
-        if self.run.log_every < 1:
-            raise ValueError(
-                f"run.log_every must be >= 1 (steps between metric reads), got {self.run.log_every}; "
-                "set e.g. run.log_every=50"
-            )
-        if self.run.checkpoint_every < 0:
-            raise ValueError(
-                f"run.checkpoint_every must be >= 0 (0 = a checkpoint at each epoch end only), "
-                f"got {self.run.checkpoint_every}"
-            )
+        _at_least("run.log_every", self.run.log_every, 1, "steps between metric reads", 50)
+        _at_least("run.checkpoint_every", self.run.checkpoint_every, 0, "0 = a checkpoint at each epoch end only", 0)
         _one_of("run.on_nonfinite", self.run.on_nonfinite, ("stop", "skip_batch"))
         if self.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError(
@@ -266,10 +258,7 @@ class Config:
             )
         if not 0.0 <= self.model.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.model.dropout}; set e.g. model.dropout=0.5")
-        if self.model.conv_padding < 0:
-            raise ValueError(
-                f"model.conv_padding must be >= 0, got {self.model.conv_padding}; set model.conv_padding=1"
-            )
+        _at_least("model.conv_padding", self.model.conv_padding, 0, "zero padding of conv2's convolutions", 1)
         for key in ("dim", "heads", "patch", "depth", "width"):  # vit and convdeep sizes
             _at_least(f"model.{key}", getattr(self.model, key), 1, "a vit/convdeep size", getattr(ModelConfig(), key))
         if self.model.name == "vit" and self.model.dim % self.model.heads:
@@ -277,13 +266,8 @@ class Config:
                 f"model.dim = {self.model.dim} must be divisible by model.heads = {self.model.heads} (each head "
                 f"gets dim/heads channels); set e.g. model.dim={self.model.heads * 16} or model.heads=1"
             )
-        if self.analysis.align_every < 0:
-            raise ValueError(
-                f"analysis.align_every must be >= 0 (0 = no alignment measurements), got {self.analysis.align_every}; "
-                "set e.g. analysis.align_every=100"
-            )
-        if self.run.keep_checkpoints < 1:
-            raise ValueError(f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}")
+        _at_least("analysis.align_every", self.analysis.align_every, 0, "0 = no alignment measurements", 100)
+        _at_least("run.keep_checkpoints", self.run.keep_checkpoints, 1, "newest checkpoints kept", 2)
         if self.rule.name == "bp_fc_only" and self.model.name == "mlp":
             raise ValueError(
                 "rule.name = 'bp_fc_only' freezes convolutions, but model.name = 'mlp' has none (it would "
