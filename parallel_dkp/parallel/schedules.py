@@ -6,10 +6,12 @@ Every schedule has the same small interface (``train_step``, ``eval_step``) and 
 ``"error"`` → :class:`DirectSchedule` (DFA, DKP) — backward unlocking::
 
     for each micro-batch m:  receive a[m] → forward own blocks (inputs cut) → send onward
-        last stage:          e[m] = (softmax(h) - onehot(y)) / N; output block backward
-        all stages:          async broadcast of e[m]
-                             local update of micro-batch m-1 while m is still flowing
-    drain the last update
+        last stage:          e[m] = (softmax(h) - onehot(y)) / N
+        all stages:          async broadcast of e[m] (the last stage then runs its output backward)
+                             local update of micro-batch m-lag while the later ones still flow,
+                             lag = max(1, stages after this one): e[m] exists only once m has
+                             crossed them, so waiting for it sooner would stall the pipeline
+    drain the last updates
 
 ``"targets"`` → :class:`TargetsSchedule` (DRTP): each stage updates right after its own forward.
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 from parallel_dkp.models import module_device
 from parallel_dkp.parallel.distributed import DistContext
+from parallel_dkp.parallel.costmodel import update_lag
 from parallel_dkp.parallel.metrics import StepMetrics
 from parallel_dkp.parallel.stage import Stage
 from parallel_dkp.parallel.timing import NoTimer
@@ -207,22 +210,28 @@ class DirectSchedule(_UnlockedSchedule):
         x, y = self._start(x, y)
         metrics, total = StepMetrics(), len(y)
         pending: deque[tuple[list, torch.Tensor, Handle | None]] = deque()
+        lag = update_lag(self.transport.ctx.rank, self.transport.ctx.world_size)
         for slot, (x_m, y_m) in enumerate(zip(x.chunk(self.microbatches), y.chunk(self.microbatches))):
             out, hidden = self._forward(x_m, len(y_m), slot)
             if self.stage.is_last:
                 with self.timer.phase("update"):
-                    error = self._output_backward(out, y_m, total, metrics)
+                    metrics.add(out, y_m)
+                    error = output_error(out, y_m, total)
             else:
                 error = torch.empty(len(y_m), self.num_classes, device=self.device)
+            # The error leaves before the output block's backward, which overlaps with its flight.
             pending.append((hidden, error, self.transport.broadcast_error(error)))
-            if len(pending) > 1:  # update m-1 while micro-batch m flows down the pipeline
-                self._drain(pending, y, total)
+            if self.stage.is_last:
+                with self.timer.phase("update"):
+                    out.backward(error)
+            if len(pending) > lag:  # update m-lag while the later micro-batches flow on
+                self._drain(pending)
         while pending:
-            self._drain(pending, y, total)
+            self._drain(pending)
         self._finish()
         return metrics
 
-    def _drain(self, pending: deque, y: torch.Tensor, total: int) -> None:
+    def _drain(self, pending: deque) -> None:
         hidden, error, handle = pending.popleft()
         if handle is not None:
             with self.timer.phase("wait"):

@@ -1,0 +1,337 @@
+"""A cost model of one training step: layer-parallel direct rules against pipelined backprop.
+
+Pure Python, no torch: it replays each stage's program, op by op, as the schedules in
+``schedules.py`` and ``torch.distributed.pipelining`` issue them, and returns the time at which
+the slowest stage finishes. Inputs are measured (``costs.measure_block_phases`` and
+``bench.measure_link``) per block and per micro-batch:
+
+* ``forward`` F — the block's forward pass;
+* ``backward`` B — its backprop backward (input gradient included, except for block 0);
+* ``update`` U — its direct-rule local update (``e·B_j``, the backward inside the block, ``eᵀa_j``;
+  for the output block: the output error and its backward);
+* ``optim_bp`` / ``optim_direct`` — its optimizer step (once per step), and the bytes it sends on.
+
+Communication follows a rendezvous model (gloo and NCCL both move a message once the receiver
+has posted its receive): a message of ``n`` bytes completes at ``max(send posted, receive
+posted) + latency + n / bandwidth`` and costs the sender and receiver nothing else. Compute on
+one rank is sequential. With a balanced pipeline and no communication the model reduces to the
+closed forms (tested): GPipe ``(M+N-1)(F+B)``, direct ``M(F+U) + (N-1)F``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from parallel_dkp.parallel.partition import balanced_partition
+
+Method = Literal["direct", "targets", "gpipe", "1f1b"]
+METHODS: tuple[Method, ...] = ("direct", "targets", "gpipe", "1f1b")
+"""``direct``: dfa/dkp (:class:`DirectSchedule`); ``targets``: drtp; ``gpipe``/``1f1b``: bp through
+torch.distributed.pipelining (on one rank both are the serial schedule)."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point link: ``seconds(n) = latency_s + n / bandwidth_Bps``."""
+
+    latency_s: float = 0.0
+    bandwidth_Bps: float = float("inf")
+
+    def seconds(self, num_bytes: float) -> float:
+        return self.latency_s + num_bytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Measured seconds per micro-batch of every block (lists indexed by block), and bytes."""
+
+    forward: Sequence[float]
+    backward: Sequence[float]
+    update: Sequence[float]
+    optim_bp: Sequence[float]
+    optim_direct: Sequence[float]
+    out_bytes: Sequence[float]
+    """Bytes of each block's output for one micro-batch (what a stage boundary after it sends)."""
+    error_bytes: float = 0.0
+    """Bytes of one micro-batch's output error (broadcast by the last stage)."""
+
+    def __post_init__(self) -> None:
+        sizes = {len(v) for v in (self.forward, self.backward, self.update, self.optim_bp, self.optim_direct,
+                                  self.out_bytes)}
+        if len(sizes) != 1:
+            raise ValueError(f"BlockCosts lists must all have one entry per block, got lengths {sorted(sizes)}")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.forward)
+
+    def as_dict(self) -> dict:
+        return {k: list(getattr(self, k)) if k != "error_bytes" else self.error_bytes
+                for k in ("forward", "backward", "update", "optim_bp", "optim_direct", "out_bytes", "error_bytes")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BlockCosts":
+        return cls(**d)
+
+    def repeated(self, num_blocks: int) -> "BlockCosts":
+        """A deeper network of the same kind: the middle (repeated) block copied until there are
+        ``num_blocks``; the first and last blocks stay. For stacks of equal blocks (vit, convdeep)."""
+        if self.num_blocks < 3 or num_blocks < 2:
+            raise ValueError("repeating needs a first, a middle and a last block, and at least 2 blocks out")
+        idx = [0] + [self.num_blocks // 2] * (num_blocks - 2) + [self.num_blocks - 1]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return BlockCosts(pick(self.forward), pick(self.backward), pick(self.update), pick(self.optim_bp),
+                          pick(self.optim_direct), pick(self.out_bytes), self.error_bytes)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """One stage's seconds per micro-batch (sums over its blocks) and its boundary bytes."""
+
+    forward: float
+    backward: float
+    update_hidden: float
+    """Local updates of the stage's hidden blocks (drained one micro-batch behind)."""
+    update_output: float
+    """The last stage's output error and output-block backward (0 elsewhere)."""
+    optim: float
+    send_bytes: float
+    """Bytes of the stage's output per micro-batch (0 on the last stage)."""
+
+
+def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -> list[StageCosts]:
+    last = costs.num_blocks - 1
+    optim = costs.optim_bp if method in ("gpipe", "1f1b") else costs.optim_direct
+    stages = []
+    for r in partition:
+        hidden = [i for i in r if i != last]
+        stages.append(StageCosts(
+            forward=sum(costs.forward[i] for i in r),
+            backward=sum(costs.backward[i] for i in r),
+            update_hidden=sum(costs.update[i] for i in hidden),
+            update_output=costs.update[last] if last in r else 0.0,
+            optim=sum(optim[i] for i in r),
+            send_bytes=0.0 if last in r else costs.out_bytes[r.stop - 1],
+        ))
+    return stages
+
+
+# --------------------------------------------------------------------------- the replay
+
+
+@dataclass
+class _Op:
+    kind: Literal["compute", "send", "recv", "wait", "bcast_root", "bcast_post", "bcast_wait"]
+    seconds: float = 0.0
+    key: tuple = ()
+    keys: tuple = ()
+
+
+@dataclass
+class _Replay:
+    """Each stage's ops, replayed with rendezvous messages until every stage has finished."""
+
+    programs: list[list[_Op]]
+    link: Link
+    sizes: dict = field(default_factory=dict)
+
+    def run(self) -> list[float]:
+        n = len(self.programs)
+        clock, pc = [0.0] * n, [0] * n
+        posted: dict[tuple, float] = {}  # (role, key) -> time posted
+        done: dict[tuple, float] = {}  # key -> time the message completed
+        while any(pc[s] < len(self.programs[s]) for s in range(n)):
+            progressed = False
+            for s in range(n):
+                while pc[s] < len(self.programs[s]):
+                    op = self.programs[s][pc[s]]
+                    t = self._try(op, s, clock[s], posted, done)
+                    if t is None:
+                        break
+                    clock[s], pc[s], progressed = t, pc[s] + 1, True
+            if not progressed:
+                stuck = {s: self.programs[s][pc[s]] for s in range(n) if pc[s] < len(self.programs[s])}
+                raise RuntimeError(f"cost model deadlock (a schedule bug): {stuck}")
+        return clock
+
+    def _complete(self, key, posted, done) -> float | None:
+        if key in done:
+            return done[key]
+        if ("send", key) in posted and ("recv", key) in posted:
+            done[key] = max(posted["send", key], posted["recv", key]) + self.link.seconds(self.sizes[key])
+            return done[key]
+        return None
+
+    def _try(self, op: _Op, s: int, now: float, posted, done) -> float | None:
+        if op.kind == "compute":
+            return now + op.seconds
+        if op.kind == "send":  # asynchronous: posting costs nothing
+            posted.setdefault(("send", op.key), now)
+            return now
+        if op.kind == "recv":  # blocking
+            posted.setdefault(("recv", op.key), now)
+            end = self._complete(op.key, posted, done)
+            return None if end is None else max(now, end)
+        if op.kind == "wait":  # for sends (or receives) posted earlier
+            ends = [self._complete(k, posted, done) for k in op.keys]
+            return None if any(e is None for e in ends) else max([now, *ends])
+        if op.kind == "bcast_root":
+            posted.setdefault(("root", op.key), now)
+            return now
+        if op.kind == "bcast_post":
+            posted.setdefault(("leaf", op.key, s), now)
+            return now
+        if op.kind == "bcast_wait":
+            if ("root", op.key) not in posted:
+                return None
+            root = posted["root", op.key]
+            start = max(root, posted.get(("leaf", op.key, s), root))
+            return max(now, start + self.link.seconds(self.sizes[op.key]))
+        raise AssertionError(op.kind)
+
+
+def update_lag(stage: int, num_stages: int) -> int:
+    """How many micro-batches behind its forward pass a stage runs its local updates under the
+    direct schedule: the error of micro-batch ``m`` exists once ``m`` has crossed the stages after
+    this one, so waiting for it any sooner would stall the forward pipeline."""
+    return max(1, num_stages - 1 - stage)
+
+
+def _act(s: int, m: int) -> tuple:
+    return ("act", s, m)  # stage s's output of micro-batch m, to stage s+1
+
+
+def _grad(s: int, m: int) -> tuple:
+    return ("grad", s, m)  # gradient of stage s's input of micro-batch m, to stage s-1
+
+
+def _programs(stages: list[StageCosts], microbatches: int, method: Method, sizes: dict,
+              error_bytes: float) -> list[list[_Op]]:
+    n, M = len(stages), microbatches
+    for m in range(M):
+        sizes[("err", m)] = error_bytes
+    for s, st in enumerate(stages[:-1]):
+        for m in range(M):
+            sizes[_act(s, m)] = sizes[_grad(s + 1, m)] = st.send_bytes
+    programs = []
+    for s, st in enumerate(stages):
+        first, last = s == 0, s == n - 1
+        lag = update_lag(s, n)
+        ops: list[_Op] = []
+        recv = (lambda m: [] if first else [_Op("recv", key=_act(s - 1, m))])
+        compute = (lambda sec: [_Op("compute", sec)] if sec else [])
+        if method in ("direct", "targets"):
+            for m in range(M):
+                ops += recv(m) + compute(st.forward)
+                if not last:
+                    ops.append(_Op("send", key=_act(s, m)))
+                if method == "targets":
+                    ops += compute(st.update_output + st.update_hidden)
+                    continue
+                # The error is broadcast as soon as it exists, before the output block's backward.
+                ops.append(_Op("bcast_root" if last else "bcast_post", key=("err", m)))
+                ops += compute(st.update_output)
+                if m >= lag:
+                    ops += [_Op("bcast_wait", key=("err", m - lag))] + compute(st.update_hidden)
+            if method == "direct":
+                for m in range(max(0, M - lag), M):
+                    ops += [_Op("bcast_wait", key=("err", m))] + compute(st.update_hidden)
+            ops.append(_Op("wait", keys=tuple(_act(s, m) for m in range(M)) if not last else ()))
+        elif method == "gpipe" or n == 1:
+            for m in range(M):
+                ops += recv(m) + compute(st.forward)
+                if not last:
+                    ops.append(_Op("send", key=_act(s, m)))
+            for m in range(M):
+                if not last:
+                    ops.append(_Op("recv", key=_grad(s + 1, m)))
+                ops += compute(st.backward)
+                if not first:
+                    ops.append(_Op("send", key=_grad(s, m)))
+            sends = ([] if last else [_act(s, m) for m in range(M)]) + ([] if first else [_grad(s, m) for m in range(M)])
+            ops.append(_Op("wait", keys=tuple(sends)))
+        else:  # 1f1b, as torch.distributed.pipelining's Schedule1F1B issues it
+            ops += _one_f_one_b(s, n, M, st, first, last)
+        ops += compute(st.optim)
+        programs.append(ops)
+    return programs
+
+
+def _one_f_one_b(s: int, n: int, M: int, st: StageCosts, first: bool, last: bool) -> list[_Op]:
+    ops: list[_Op] = []
+    act_send = (lambda m: [] if last else [_act(s, m)])
+    grad_send = (lambda m: [] if first else [_grad(s, m)])
+
+    def post(keys, role):
+        return [_Op(role, key=k) for k in keys]
+
+    def forward(m):
+        return ([] if first else [_Op("recv", key=_act(s - 1, m))]) + [_Op("compute", st.forward)]
+
+    warmup = min(M, n - s)
+    f = b = 0
+    pending: list[tuple] = []  # fired sends not yet waited for
+    deferred: list[tuple] = []
+    for _ in range(warmup):
+        ops += forward(f)
+        ops.append(_Op("wait", keys=tuple(pending)))
+        pending = []
+        if f != warmup - 1:
+            ops += post(act_send(f), "send")
+            pending = act_send(f)
+        else:
+            deferred = act_send(f)
+        f += 1
+    while True:
+        recvs = [] if last else [_grad(s + 1, b)]
+        ops += post(deferred, "send") + post(recvs, "recv") + [_Op("wait", keys=tuple(deferred + recvs))]
+        ops.append(_Op("compute", st.backward))
+        deferred = grad_send(b)
+        b += 1
+        if f == M:
+            break
+        recvs = [] if first else [_act(s - 1, f)]
+        ops += post(deferred, "send") + post(recvs, "recv") + [_Op("wait", keys=tuple(deferred + recvs))]
+        ops.append(_Op("compute", st.forward))
+        deferred = act_send(f)
+        f += 1
+    ops += post(deferred, "send")
+    pending = deferred
+    while b < M:
+        recvs = [] if last else [_grad(s + 1, b)]
+        ops += post(recvs, "recv") + [_Op("wait", keys=tuple(recvs)), _Op("compute", st.backward)]
+        ops.append(_Op("wait", keys=tuple(pending)))
+        pending = grad_send(b)
+        ops += post(pending, "send")
+        b += 1
+    ops.append(_Op("wait", keys=tuple(pending)))
+    return ops
+
+
+def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, link: Link = Link(),
+             error_bytes: float = 0.0) -> float:
+    """Predicted seconds of one training step (the slowest stage's finish)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if microbatches < 1:
+        raise ValueError(f"microbatches = {microbatches} must be >= 1")
+    replay = _Replay([], link)
+    replay.programs = _programs(list(stages), microbatches, method, replay.sizes, error_bytes)
+    return max(replay.run())
+
+
+def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),
+            partition: Sequence[range] | None = None) -> float:
+    """Predicted step seconds of ``method`` on ``ranks`` stages. Without an explicit
+    ``partition`` the stages are balanced like the runtime does (by forward + backward cost)."""
+    if partition is None:
+        weights = [f + b for f, b in zip(costs.forward, costs.backward)]
+        partition = balanced_partition(weights, world_size=ranks)
+    return simulate(stage_costs(costs, partition, method), microbatches=microbatches, method=method, link=link,
+                    error_bytes=costs.error_bytes)
+
+
+def ideal_direct_speedup(forward: float, update: float, *, ranks: int, microbatches: int) -> float:
+    """N balanced stages, no communication: ``N·M(F+U) / (M(F+U) + (N-1)F)`` (per-stage F, U)."""
+    return ranks * microbatches * (forward + update) / (microbatches * (forward + update) + (ranks - 1) * forward)

@@ -1,0 +1,93 @@
+"""The step-time cost model (parallel/costmodel.py) against hand-derived closed forms."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from parallel_dkp.parallel.costmodel import (
+    BlockCosts, Link, StageCosts, ideal_direct_speedup, predict, simulate, stage_costs, update_lag,
+)
+
+F, B, U = 1.0, 2.0, 1.5
+
+
+def balanced(num_stages: int, *, send_bytes: float = 0.0) -> list[StageCosts]:
+    """Per-stage F, B, U; the last stage's U is its output update."""
+    last = num_stages - 1
+    return [StageCosts(forward=F, backward=B, update_hidden=U if s < last else 0.0,
+                       update_output=U if s == last else 0.0, optim=0.0,
+                       send_bytes=0.0 if s == last else send_bytes) for s in range(num_stages)]
+
+
+@pytest.mark.parametrize("ranks,microbatches", list(itertools.product([1, 2, 3, 4, 8], [1, 2, 4, 8, 13])))
+def test_balanced_pipelines_without_communication_give_the_closed_forms(ranks, microbatches):
+    """Pinpoints a replay that orders a schedule's ops wrongly: with equal stages and free links,
+    GPipe and 1F1B take (M+N-1)(F+B) and the direct schedule M(F+U)+(N-1)F."""
+    stages, M, N = balanced(ranks), microbatches, ranks
+    assert simulate(stages, microbatches=M, method="gpipe") == pytest.approx((M + N - 1) * (F + B))
+    assert simulate(stages, microbatches=M, method="1f1b") == pytest.approx((M + N - 1) * (F + B))
+    assert simulate(stages, microbatches=M, method="direct") == pytest.approx(M * (F + U) + (N - 1) * F)
+    # DRTP updates right after each forward: the same span as the direct schedule
+    assert simulate(stages, microbatches=M, method="targets") == pytest.approx(M * (F + U) + (N - 1) * F)
+
+
+def test_speedup_formula_matches_the_replay():
+    """Pinpoints the closed-form ideal drifting from the replay it summarises."""
+    for n, m in [(2, 4), (4, 8), (8, 3)]:
+        one = simulate(balanced(1), microbatches=m, method="direct") * n  # one rank does n stages' work
+        one_rank = [StageCosts(n * F, n * B, 0.0, n * U, 0.0, 0.0)]
+        assert simulate(one_rank, microbatches=m, method="direct") == pytest.approx(one)
+        want = one / simulate(balanced(n), microbatches=m, method="direct")
+        assert ideal_direct_speedup(F, U, ranks=n, microbatches=m) == pytest.approx(want)
+    # the issue's numbers: conv blocks U = F -> 1.78 at N = 2, M = 4
+    assert ideal_direct_speedup(1.0, 1.0, ranks=2, microbatches=4) == pytest.approx(16 / 9)
+
+
+def test_each_message_costs_latency_plus_bytes_over_bandwidth():
+    """Pinpoints links ignored or counted twice: one rank boundary, one micro-batch: GPipe sends
+    the activation forward and its gradient back, each on the critical path."""
+    link = Link(latency_s=0.25, bandwidth_Bps=100.0)
+    stages = balanced(2, send_bytes=50.0)  # 0.25 + 0.5 s a message
+    assert simulate(stages, microbatches=1, method="gpipe", link=link) == pytest.approx(2 * (F + B) + 2 * 0.75)
+    # direct: the activation forward, then the error back (bytes 10 -> 0.35 s) before stage 0's update
+    got = simulate(stages, microbatches=1, method="direct", link=link, error_bytes=10.0)
+    assert got == pytest.approx(F + 0.75 + F + 0.35 + U)
+
+
+def test_the_slowest_stage_sets_the_pace():
+    """Pinpoints an unbalanced partition predicted like a balanced one: the costliest stage
+    bounds every schedule from below by M times its own work."""
+    slow = [StageCosts(1.0, 2.0, 1.0, 0.0, 0.0, 0.0), StageCosts(3.0, 6.0, 0.0, 3.0, 0.0, 0.0)]
+    for m in (1, 4, 16):
+        assert simulate(slow, microbatches=m, method="direct") >= m * 6.0
+        assert simulate(slow, microbatches=m, method="gpipe") >= m * 9.0
+        assert simulate(slow, microbatches=m, method="1f1b") >= m * 9.0
+
+
+def test_direct_update_lag_looks_past_the_later_stages():
+    assert [update_lag(s, 4) for s in range(4)] == [3, 2, 1, 1]
+    assert update_lag(0, 1) == 1
+
+
+def test_predict_balances_blocks_and_sums_them_per_stage():
+    """Pinpoints block costs assigned to the wrong stage or the optimizer counted per micro-batch."""
+    costs = BlockCosts(forward=[1, 1, 1, 1], backward=[2, 2, 2, 2], update=[1, 1, 1, 1], optim_bp=[0.5] * 4,
+                       optim_direct=[0.25] * 4, out_bytes=[0, 0, 0, 0])
+    stages = stage_costs(costs, [range(0, 2), range(2, 4)], "direct")
+    assert stages[0] == StageCosts(2, 4, 2, 0, 0.5, 0)
+    assert stages[1] == StageCosts(2, 4, 1, 1, 0.5, 0)
+    # bp on 2 balanced ranks, M = 4: (M+N-1)(F+B) + the stage's optimizer step once
+    assert predict(costs, ranks=2, microbatches=4, method="gpipe") == pytest.approx(5 * 6 + 1.0)
+    assert predict(costs, ranks=4, microbatches=1, method="1f1b") == pytest.approx(4 * 3 + 0.5)
+
+
+def test_block_costs_reject_ragged_lists_and_repeat_the_middle_block():
+    with pytest.raises(ValueError, match="one entry per block"):
+        BlockCosts([1, 2], [1], [1, 2], [1, 2], [1, 2], [1, 2])
+    costs = BlockCosts([5, 1, 1, 9], [5, 2, 2, 9], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [3, 2, 2, 0], 4.0)
+    deep = costs.repeated(6)
+    assert list(deep.forward) == [5, 1, 1, 1, 1, 9]
+    assert deep.error_bytes == 4.0
+    assert BlockCosts.from_dict(deep.as_dict()) == deep
