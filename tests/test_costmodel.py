@@ -7,7 +7,14 @@ import itertools
 import pytest
 
 from parallel_dkp.parallel.costmodel import (
-    BlockCosts, Link, StageCosts, ideal_direct_speedup, predict, simulate, stage_costs, update_lag,
+    BlockCosts,
+    Link,
+    StageCosts,
+    ideal_direct_speedup,
+    predict,
+    simulate,
+    stage_costs,
+    update_lag,
 )
 
 F, B, U = 1.0, 2.0, 1.5

@@ -206,107 +206,146 @@ def _grad(s: int, m: int) -> tuple:
     return ("grad", s, m)  # gradient of stage s's input of micro-batch m, to stage s-1
 
 
-def _programs(stages: list[StageCosts], microbatches: int, method: Method, sizes: dict,
-              error_bytes: float) -> list[list[_Op]]:
-    n, M = len(stages), microbatches
+@dataclass
+class _Program:
+    """The ops of stage ``s`` of ``n``, with helpers that write them in the schedules' words."""
+
+    s: int
+    n: int
+    cost: StageCosts
+    ops: list[_Op] = field(default_factory=list)
+
+    @property
+    def first(self) -> bool:
+        return self.s == 0
+
+    @property
+    def last(self) -> bool:
+        return self.s == self.n - 1
+
+    def compute(self, seconds: float) -> None:
+        if seconds:
+            self.ops.append(_Op("compute", seconds))
+
+    def act_out(self, m: int) -> list[tuple]:
+        return [] if self.last else [_act(self.s, m)]
+
+    def act_in(self, m: int) -> list[tuple]:
+        return [] if self.first else [_act(self.s - 1, m)]
+
+    def grad_out(self, m: int) -> list[tuple]:
+        return [] if self.first else [_grad(self.s, m)]
+
+    def grad_in(self, m: int) -> list[tuple]:
+        return [] if self.last else [_grad(self.s + 1, m)]
+
+    def send(self, keys: list[tuple]) -> None:
+        self.ops += [_Op("send", key=k) for k in keys]
+
+    def recv(self, keys: list[tuple]) -> None:
+        self.ops += [_Op("recv", key=k) for k in keys]
+
+    def wait(self, keys: list[tuple]) -> None:
+        self.ops.append(_Op("wait", keys=tuple(keys)))
+
+
+def _direct(p: _Program, M: int, *, targets: bool) -> None:
+    """:class:`DirectSchedule` (``targets``: :class:`TargetsSchedule`)."""
+    lag, c = update_lag(p.s, p.n), p.cost
+    for m in range(M):
+        p.recv(p.act_in(m))
+        p.compute(c.forward)
+        p.send(p.act_out(m))
+        if targets:
+            p.compute(c.update_output + c.update_hidden)
+            continue
+        # The error is broadcast as soon as it exists, before the output block's backward.
+        p.ops.append(_Op("bcast_root" if p.last else "bcast_post", key=("err", m)))
+        p.compute(c.update_output)
+        if m >= lag:
+            p.ops.append(_Op("bcast_wait", key=("err", m - lag)))
+            p.compute(c.update_hidden)
+    if not targets:
+        for m in range(max(0, M - lag), M):
+            p.ops.append(_Op("bcast_wait", key=("err", m)))
+            p.compute(c.update_hidden)
+    p.wait([k for m in range(M) for k in p.act_out(m)])
+
+
+def _gpipe(p: _Program, M: int) -> None:
+    """torch.distributed.pipelining's ScheduleGPipe: every forward, then every backward."""
+    for m in range(M):
+        p.recv(p.act_in(m))
+        p.compute(p.cost.forward)
+        p.send(p.act_out(m))
+    for m in range(M):
+        p.recv(p.grad_in(m))
+        p.compute(p.cost.backward)
+        p.send(p.grad_out(m))
+    p.wait([k for m in range(M) for k in p.act_out(m) + p.grad_out(m)])
+
+
+def _one_f_one_b(p: _Program, M: int) -> None:
+    """torch.distributed.pipelining's Schedule1F1B, op for op: ``N - s`` warm-up forwards (the
+    last one's send held back and fused with the first backward's receive), then one backward
+    and one forward in turn, then the remaining backwards."""
+    warmup = min(M, p.n - p.s)
+    f = b = 0
+    in_flight: list[tuple] = []
+    held: list[tuple] = []
+    for _ in range(warmup):
+        p.recv(p.act_in(f))
+        p.compute(p.cost.forward)
+        p.wait(in_flight)
+        in_flight, held = ([], p.act_out(f)) if f == warmup - 1 else (p.act_out(f), [])
+        p.send(in_flight)
+        f += 1
+    while True:
+        p.send(held)
+        p.recv(p.grad_in(b))
+        p.wait(held)
+        p.compute(p.cost.backward)
+        held = p.grad_out(b)
+        b += 1
+        if f == M:
+            break
+        p.send(held)
+        p.recv(p.act_in(f))
+        p.wait(held)
+        p.compute(p.cost.forward)
+        held = p.act_out(f)
+        f += 1
+    p.send(held)
+    in_flight = held
+    while b < M:
+        p.recv(p.grad_in(b))
+        p.compute(p.cost.backward)
+        p.wait(in_flight)
+        in_flight = p.grad_out(b)
+        p.send(in_flight)
+        b += 1
+    p.wait(in_flight)
+
+
+def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, error_bytes: float) -> list[list[_Op]]:
+    n = len(stages)
     for m in range(M):
         sizes[("err", m)] = error_bytes
     for s, st in enumerate(stages[:-1]):
         for m in range(M):
             sizes[_act(s, m)] = sizes[_grad(s + 1, m)] = st.send_bytes
     programs = []
-    for s, st in enumerate(stages):
-        first, last = s == 0, s == n - 1
-        lag = update_lag(s, n)
-        ops: list[_Op] = []
-        recv = (lambda m: [] if first else [_Op("recv", key=_act(s - 1, m))])
-        compute = (lambda sec: [_Op("compute", sec)] if sec else [])
+    for s, cost in enumerate(stages):
+        p = _Program(s, n, cost)
         if method in ("direct", "targets"):
-            for m in range(M):
-                ops += recv(m) + compute(st.forward)
-                if not last:
-                    ops.append(_Op("send", key=_act(s, m)))
-                if method == "targets":
-                    ops += compute(st.update_output + st.update_hidden)
-                    continue
-                # The error is broadcast as soon as it exists, before the output block's backward.
-                ops.append(_Op("bcast_root" if last else "bcast_post", key=("err", m)))
-                ops += compute(st.update_output)
-                if m >= lag:
-                    ops += [_Op("bcast_wait", key=("err", m - lag))] + compute(st.update_hidden)
-            if method == "direct":
-                for m in range(max(0, M - lag), M):
-                    ops += [_Op("bcast_wait", key=("err", m))] + compute(st.update_hidden)
-            ops.append(_Op("wait", keys=tuple(_act(s, m) for m in range(M)) if not last else ()))
+            _direct(p, M, targets=method == "targets")
         elif method == "gpipe" or n == 1:
-            for m in range(M):
-                ops += recv(m) + compute(st.forward)
-                if not last:
-                    ops.append(_Op("send", key=_act(s, m)))
-            for m in range(M):
-                if not last:
-                    ops.append(_Op("recv", key=_grad(s + 1, m)))
-                ops += compute(st.backward)
-                if not first:
-                    ops.append(_Op("send", key=_grad(s, m)))
-            sends = ([] if last else [_act(s, m) for m in range(M)]) + ([] if first else [_grad(s, m) for m in range(M)])
-            ops.append(_Op("wait", keys=tuple(sends)))
-        else:  # 1f1b, as torch.distributed.pipelining's Schedule1F1B issues it
-            ops += _one_f_one_b(s, n, M, st, first, last)
-        ops += compute(st.optim)
-        programs.append(ops)
-    return programs
-
-
-def _one_f_one_b(s: int, n: int, M: int, st: StageCosts, first: bool, last: bool) -> list[_Op]:
-    ops: list[_Op] = []
-    act_send = (lambda m: [] if last else [_act(s, m)])
-    grad_send = (lambda m: [] if first else [_grad(s, m)])
-
-    def post(keys, role):
-        return [_Op(role, key=k) for k in keys]
-
-    def forward(m):
-        return ([] if first else [_Op("recv", key=_act(s - 1, m))]) + [_Op("compute", st.forward)]
-
-    warmup = min(M, n - s)
-    f = b = 0
-    pending: list[tuple] = []  # fired sends not yet waited for
-    deferred: list[tuple] = []
-    for _ in range(warmup):
-        ops += forward(f)
-        ops.append(_Op("wait", keys=tuple(pending)))
-        pending = []
-        if f != warmup - 1:
-            ops += post(act_send(f), "send")
-            pending = act_send(f)
+            _gpipe(p, M)
         else:
-            deferred = act_send(f)
-        f += 1
-    while True:
-        recvs = [] if last else [_grad(s + 1, b)]
-        ops += post(deferred, "send") + post(recvs, "recv") + [_Op("wait", keys=tuple(deferred + recvs))]
-        ops.append(_Op("compute", st.backward))
-        deferred = grad_send(b)
-        b += 1
-        if f == M:
-            break
-        recvs = [] if first else [_act(s - 1, f)]
-        ops += post(deferred, "send") + post(recvs, "recv") + [_Op("wait", keys=tuple(deferred + recvs))]
-        ops.append(_Op("compute", st.forward))
-        deferred = act_send(f)
-        f += 1
-    ops += post(deferred, "send")
-    pending = deferred
-    while b < M:
-        recvs = [] if last else [_grad(s + 1, b)]
-        ops += post(recvs, "recv") + [_Op("wait", keys=tuple(recvs)), _Op("compute", st.backward)]
-        ops.append(_Op("wait", keys=tuple(pending)))
-        pending = grad_send(b)
-        ops += post(pending, "send")
-        b += 1
-    ops.append(_Op("wait", keys=tuple(pending)))
-    return ops
+            _one_f_one_b(p, M)
+        p.compute(cost.optim)  # the optimizer step, once the stage's gradients are complete
+        programs.append(p.ops)
+    return programs
 
 
 def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, link: Link = Link(),

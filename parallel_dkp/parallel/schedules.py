@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from parallel_dkp.models import module_device
-from parallel_dkp.parallel.distributed import DistContext
 from parallel_dkp.parallel.costmodel import update_lag
+from parallel_dkp.parallel.distributed import DistContext
 from parallel_dkp.parallel.metrics import StepMetrics
 from parallel_dkp.parallel.stage import Stage
 from parallel_dkp.parallel.timing import NoTimer
