@@ -1,17 +1,37 @@
-"""Side-by-side step times of several rules (``parallel-dkp bench``), on one process or many.
+"""``parallel-dkp bench``: side-by-side step times, and the unlocking benchmark.
 
-Rules are interleaved step by step on the same batch, so drifting machine load hits all of
-them alike; medians after warm-up are reported, with each rule's ratio to the first rule.
-Under torchrun every rank runs the same interleaved sequence; each rank also reports the
-median time of each phase (forward, update, wait, send, optimizer) and its idle fraction.
+Two modes, one measurement core (:func:`measure_world`):
+
+* **this world** (no ``--ranks``): the variants (``bp``, ``dkp``, ``bp@1f1b``, ...) are
+  interleaved step by step on the same batch and partition, so drifting machine load hits all of
+  them alike; medians after warm-up, each variant's ratio to the first. Under torchrun every rank
+  runs the same sequence and reports its phases (forward, update, wait, send, optimizer), idle
+  fraction and peak memory; a step's time is the slowest rank's.
+* **unlocking** (``--ranks 1,2 [--microbatches 4,8]``): on the CPU it launches its own gloo
+  worlds, one thread per rank unless told otherwise, and measures (:func:`run_unlocking`)
+
+  - one device (one process, all cores, M = 1): bp, dfa, dkp;
+  - for each M: one rank at the per-rank thread budget (dkp, dfa, bp, and every block's
+    phases for the cost model), one rank using all the cores (dkp: so that nobody mistakes a
+    thread-starved baseline for a speed-up), and each N > 1 ranks: dkp and dfa through our
+    runtime, bp through torch.distributed.pipelining GPipe and 1F1B, all on one partition;
+
+  then the ratios, the cost model's predictions and its error against every measured
+  configuration. Under torchrun (GPUs) it measures one rank (rank 0 alone) and the whole world.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,51 +40,151 @@ from rich.console import Console
 from rich.table import Table
 
 from parallel_dkp.config import Config, to_dict
+from parallel_dkp.parallel import costmodel
 from parallel_dkp.parallel.distributed import DistContext
 from parallel_dkp.parallel.timing import PHASES
+from parallel_dkp.rules import RULES
 from parallel_dkp.train import build_job, train_step
 
-ConfigFor = Callable[[str, Sequence[str]], Config]
-"""``config_for(rule, extra_overrides)``: the run config of one rule, from the same loader as
-``train`` (so ``[per_rule.<rule>]`` sections and validation apply to every rule)."""
+
+@dataclass(frozen=True)
+class Variant:
+    """A rule, and for a chained rule on several ranks the pipeline schedule: ``bp@1f1b``."""
+
+    rule: str
+    schedule: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        rule, _, schedule = text.strip().partition("@")
+        if rule not in RULES:
+            raise ValueError(f"bench variant {text!r}: {rule!r} is not a rule ({', '.join(RULES)})")
+        if schedule and schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"bench variant {text!r}: the schedule after @ must be gpipe or 1f1b")
+        if schedule and RULES[rule].signal != "chain":
+            raise ValueError(f"bench variant {text!r}: {rule} is backward-unlocked; @{schedule} is for the "
+                             "chained rules (bp, bp_fc_only, fa, kp) that run through torch's pipelining")
+        return cls(rule, schedule)
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule}@{self.schedule}" if self.schedule else self.rule
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return (f"rule.name={self.rule}",) + ((f"parallel.schedule={self.schedule}",) if self.schedule else ())
+
+    def method(self, default_schedule: str) -> costmodel.Method:
+        signal = RULES[self.rule].signal
+        if signal == "error":
+            return "direct"
+        if signal == "targets":
+            return "targets"
+        return self.schedule or default_schedule  # type: ignore[return-value]
 
 
-def bench_rules(config_for: ConfigFor, rules: list[str], ctx: DistContext, *, steps: int = 20,
-                warmup: int = 3) -> dict:
-    """Median seconds per training step of each rule with the same model, batch and partition."""
-    # A balanced partition is measured, and measurements vary: decide it once, for every rule.
-    first = build_job(config_for(rules[0], ()), ctx, profile=True)
-    same_partition = (f"parallel.partition={[len(r) for r in first.partition]}",)
-    jobs = {rules[0]: first, **{rule: build_job(config_for(rule, same_partition), ctx, profile=True)
-                                for rule in rules[1:]}}
+def parse_list(text: str, what: str, *, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < minimum for v in values):
+        raise ValueError(f"{what} {text!r}: give comma-separated whole numbers >= {minimum}, e.g. {what} 1,2")
+    return list(dict.fromkeys(values))
+
+
+ConfigFor = Callable[[Sequence[str]], Config]
+"""``config_for(extra_overrides)``: a run config from the same loader as ``train`` (so
+``[per_rule.*]`` sections and validation apply to every variant)."""
+
+
+# --------------------------------------------------------------------------- one world
+
+
+def measure_world(config_for: ConfigFor, variants: list[Variant], ctx: DistContext, *, microbatches: list[int],
+                  steps: int, warmup: int, block_costs: bool = False, link: bool = False) -> dict:
+    """Median step time of each variant at each M on this world, interleaved step by step."""
+    out: dict = {"ranks": ctx.world_size, "threads_per_rank": torch.get_num_threads(), "by_microbatches": {}}
+    for m in microbatches:
+        def variant_config(v: Variant, extra: Sequence[str] = (), m: int = m) -> Config:
+            return config_for([*v.overrides, f"parallel.microbatches={m}", *extra])
+
+        out["by_microbatches"][str(m)] = _measure(variant_config, variants, ctx, steps=steps, warmup=warmup,
+                                                  block_costs=block_costs)
+    if link and ctx.distributed:
+        out["link"] = measure_link(ctx)
+    out["peak_rss_mb_per_rank"] = ctx.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: int, warmup: int,
+             block_costs: bool) -> dict:
+    # A balanced partition is measured, and measurements vary: decide it once, for every variant.
+    first = build_job(config_for(variants[0]), ctx, profile=True)
+    same = (f"parallel.partition={[len(r) for r in first.partition]}",)
+    jobs = {variants[0].name: first,
+            **{v.name: build_job(config_for(v, extra=same), ctx, profile=True) for v in variants[1:]}}
     x, y = next(iter(first.train_loader))
-    samples: dict[str, list[float]] = {rule: [] for rule in rules}
+    samples: dict[str, list[float]] = {name: [] for name in jobs}
+    peak: dict[str, float] = {name: 0.0 for name in jobs}
+    cuda = ctx.device.type == "cuda"
     for step in range(warmup + steps):
-        for rule, job in jobs.items():
-            ctx.barrier()  # every rule's step starts together on all ranks
+        for name, job in jobs.items():
+            ctx.barrier()  # every variant's step starts together on all ranks
             _sync(ctx)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
             job.timer.start_step()
             start = time.perf_counter()
             train_step(job, x, y)
             job.timer.end_step()
             _sync(ctx)  # a benchmark waits for the device at step boundaries, never inside a step
             if step >= warmup:
-                samples[rule].append(time.perf_counter() - start)
-    base = statistics.median(samples[rules[0]])
-    phases = {rule: job.timer.summary(skip=warmup) for rule, job in jobs.items()}
-    per_rank = ctx.all_gather_object(phases)
+                samples[name].append(time.perf_counter() - start)
+                if cuda:
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(ctx.device) / 2**20)
+    # A step is over when its slowest rank is (the next one starts with a barrier).
+    per_rank = ctx.all_gather_object({"samples": samples, "peak": peak,
+                                      "phases": {n: j.timer.summary(skip=warmup) for n, j in jobs.items()}})
+    slowest = {name: [max(r["samples"][name][i] for r in per_rank) for i in range(steps)] for name in jobs}
+    base = statistics.median(slowest[variants[0].name])
     cfg = first.cfg
-    return {
-        "machine": _machine(ctx),
+    result = {
         "model": cfg.model.name, "data": cfg.data.name, "batch_size": cfg.data.batch_size,
         "microbatches": cfg.parallel.microbatches, "world_size": ctx.world_size,
-        "partition": [[r.start, r.stop] for r in first.partition], "schedule": cfg.parallel.schedule,
-        "steps": steps, "warmup": warmup,
-        "rules": {rule: {"median_s": statistics.median(s), f"ratio_to_{rules[0]}": statistics.median(s) / base,
-                         "samples_s": s} for rule, s in samples.items()},
-        "phases_per_rank": {rule: [rank_phases[rule] for rank_phases in per_rank] for rule in rules},
-        "configs": {rule: to_dict(job.cfg) for rule, job in jobs.items()},
+        "partition": [[r.start, r.stop] for r in first.partition], "steps": steps, "warmup": warmup,
+        "rules": {name: {"median_s": statistics.median(s), f"ratio_to_{variants[0].name}": statistics.median(s) / base,
+                         "samples_s": s} for name, s in slowest.items()},
+        "phases_per_rank": {name: [r["phases"][name] for r in per_rank] for name in jobs},
+        "peak_memory_mb_per_rank": {name: [r["peak"][name] for r in per_rank] for name in jobs} if cuda else None,
+        "configs": {name: to_dict(job.cfg) for name, job in jobs.items()},
     }
+    if block_costs and not ctx.distributed:
+        from parallel_dkp.parallel.costs import measure_block_phases
+
+        microbatch = cfg.data.batch_size // cfg.parallel.microbatches
+        result["block_costs"] = measure_block_phases(
+            cfg, x[:microbatch], y[:microbatch], num_classes=first.info.num_classes, total=cfg.data.batch_size,
+            device=ctx.device,
+        ).as_dict()
+    del jobs, first
+    return result
+
+
+def measure_link(ctx: DistContext, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 << 20, 1 << 22),
+                 repeats: int = 9) -> dict:
+    """Latency and bandwidth between ranks 0 and 1 (ping-pong, half round trips, least squares)."""
+    from parallel_dkp.parallel.transport import ping_pong
+
+    samples = [ping_pong(ctx, n_bytes, repeats=repeats) for n_bytes in sizes]  # timed on rank 0
+    times = ctx.broadcast_object([statistics.median(s) for s in samples] if ctx.rank == 0 else None, src=0)
+    n = len(sizes)
+    mean_x, mean_t = sum(sizes) / n, sum(times) / n
+    slope = (sum((x - mean_x) * (t - mean_t) for x, t in zip(sizes, times))
+             / sum((x - mean_x) ** 2 for x in sizes))
+    latency = max(0.0, mean_t - slope * mean_x)
+    return {"latency_s": latency, "bandwidth_Bps": 1.0 / slope if slope > 0 else float("inf"),
+            "sizes_bytes": list(sizes), "one_way_s": times}
 
 
 def _sync(ctx: DistContext) -> None:
@@ -72,43 +192,279 @@ def _sync(ctx: DistContext) -> None:
         torch.cuda.synchronize()
 
 
-def _machine(ctx: DistContext) -> dict:
+def machine(ctx: DistContext) -> dict:
     return {
         "node": platform.node(), "processor": platform.processor() or platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(), "device": str(ctx.device),
         "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "backend": ctx.backend,
     }
 
 
-def print_bench(result: dict, console: Console) -> None:
-    rules = list(result["rules"])
+def print_world(result: dict, console: Console) -> None:
+    """Tables of one world's measurement: step times and ratios, then phases per rank."""
     m = result["machine"]
-    table = Table(title=(
-        f"{result['model']} on {result['data']}, batch {result['batch_size']}, M={result['microbatches']}, "
-        f"{result['world_size']} rank(s) {result['partition']}, {m['device_name']}, "
-        f"{m['threads_per_rank']} thread(s)/rank; "
-        f"median of {result['steps']} steps after {result['warmup']} warm-up"))
-    table.add_column("rule")
-    table.add_column("step (ms)", justify="right")
-    table.add_column(f"/ {rules[0]}", justify="right")
-    for rank in range(result["world_size"]):
-        table.add_column(f"rank {rank} idle", justify="right")
-    for rule, row in result["rules"].items():
-        idle = [p.get("idle_fraction") for p in result["phases_per_rank"][rule]]
-        serial_pipeline = any(p.get("pipeline") for p in result["phases_per_rank"][rule])
-        table.add_row(rule, f"{row['median_s'] * 1e3:.1f}", f"{row[f'ratio_to_{rules[0]}']:.3f}",
-                      *("n/a" if serial_pipeline or i is None else f"{i:.0%}" for i in idle))
-    console.print(table)
-    phase_table = Table(title="median ms per step and phase, per rank")
-    for col in ("rule", "rank", *PHASES):
-        phase_table.add_column(col, justify="right")
-    for rule in rules:
-        for rank, p in enumerate(result["phases_per_rank"][rule]):
-            phase_table.add_row(rule, str(rank), *(f"{p.get(ph, 0.0) * 1e3:.1f}" for ph in PHASES))
-    console.print(phase_table)
+    for micro, res in result["by_microbatches"].items():
+        names = list(res["rules"])
+        table = Table(title=(
+            f"{res['model']} on {res['data']}, batch {res['batch_size']}, M={micro}, {res['world_size']} rank(s) "
+            f"{res['partition']}, {m['device_name']}, {result['threads_per_rank']} thread(s)/rank; "
+            f"median of {res['steps']} steps after {res['warmup']} warm-up"))
+        table.add_column("variant")
+        table.add_column("step (ms)", justify="right")
+        table.add_column(f"/ {names[0]}", justify="right")
+        for rank in range(res["world_size"]):
+            table.add_column(f"rank {rank} idle", justify="right")
+        for name, row in res["rules"].items():
+            idle = [p.get("idle_fraction") for p in res["phases_per_rank"][name]]
+            piped = any(p.get("pipeline") for p in res["phases_per_rank"][name])
+            table.add_row(name, f"{row['median_s'] * 1e3:.1f}", f"{row[f'ratio_to_{names[0]}']:.3f}",
+                          *("n/a" if piped or i is None else f"{i:.0%}" for i in idle))
+        console.print(table)
+        phases = Table(title=f"M={micro}: median ms per step and phase, per rank")
+        for col in ("variant", "rank", *PHASES):
+            phases.add_column(col, justify="right")
+        for name in names:
+            for rank, p in enumerate(res["phases_per_rank"][name]):
+                phases.add_row(name, str(rank), *(f"{p.get(ph, 0.0) * 1e3:.1f}" for ph in PHASES))
+        console.print(phases)
 
 
-def write_bench(result: dict, path: str | Path) -> None:
+def write_json(result: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
+
+
+# --------------------------------------------------------------------------- unlocking
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """One measured world of the unlocking benchmark."""
+
+    role: str  # "single_device", "per_rank" or "pipeline"
+    ranks: int
+    threads: int
+    variants: tuple[str, ...]
+    microbatches: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.role}:{self.ranks}x{self.threads}"
+
+
+def unlocking_worlds(ranks: list[int], microbatches: list[int], *, threads: int, all_cores: int) -> list[WorldSpec]:
+    worlds = [
+        WorldSpec("single_device", 1, all_cores, ("bp", "dfa", "dkp"), tuple(dict.fromkeys([1, *microbatches]))),
+        WorldSpec("per_rank", 1, threads, ("dkp", "dfa", "bp"), tuple(microbatches)),
+    ]
+    worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", "bp@gpipe", "bp@1f1b"), tuple(microbatches))
+               for n in ranks if n > 1]
+    return worlds
+
+
+def _check_ranks(cfg: Config, ranks: list[int]) -> None:
+    """Before anything is launched: every world size fits the model."""
+    from parallel_dkp.plan import make_plan
+
+    plan = make_plan(cfg)
+    if max(ranks) > plan.max_ranks:
+        raise ValueError(f"--ranks {','.join(map(str, ranks))}: {cfg.model.name} has {plan.num_blocks} blocks, so at "
+                         f"most {plan.max_ranks} ranks can run it; drop the larger counts or pick a deeper model")
+
+
+def run_unlocking(args, config: Config, console: Console) -> dict:
+    """Launch every world of the benchmark on this machine's CPU (gloo), ``args.rounds`` times in
+    turn, and merge: the samples of a world are pooled over rounds before taking medians."""
+    ranks = sorted(set([1, *parse_list(args.ranks, "--ranks")]))
+    micro = parse_list(args.microbatches, "--microbatches")
+    _check_ranks(config, ranks)
+    all_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    worlds = unlocking_worlds(ranks, micro, threads=args.threads_per_rank, all_cores=all_cores)
+    merged: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="parallel-dkp-bench-") as tmp:
+        for round_ in range(args.rounds):
+            for spec in worlds:
+                console.print(f"[dim]round {round_ + 1}/{args.rounds}: {spec.role}, {spec.ranks} rank(s) x "
+                              f"{spec.threads} thread(s), M in {list(spec.microbatches)} ...[/]")
+                out = Path(tmp) / f"{spec.role}-{spec.ranks}-{round_}.json"
+                _launch(spec, args, out, cost=spec.role == "per_rank" and round_ == 0)
+                _merge(merged, spec.key, json.loads(out.read_text()))
+    result = assemble(merged, worlds, ranks=ranks, microbatches=micro)
+    result["machine"] = {**merged[worlds[1].key]["machine"], "threads_per_rank": args.threads_per_rank}
+    result["command"] = " ".join(sys.argv)
+    result["rounds"] = args.rounds
+    return result
+
+
+def _launch(spec: WorldSpec, args, out: Path, *, cost: bool) -> None:
+    cmd = ["-m", "parallel_dkp", "bench", *(["--config", args.config] if args.config else []),
+           *[a for s in args.overrides for a in ("--set", s)], "--set", "run.device=cpu",
+           "--rules", ",".join(spec.variants), "--microbatches", ",".join(map(str, spec.microbatches)),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out), "--quiet"]
+    if cost:
+        cmd.append("--block-costs")
+    if spec.ranks > 1:
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(spec.ranks),
+               *cmd]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS=str(spec.threads), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    proc = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # the ranks' own one-line errors first: torchrun's report after them says little
+        ours = [line for line in lines if line.startswith(("error:", "config error:", "peer failure:"))]
+        tail = "\n".join(ours or lines[-25:])
+        raise RuntimeError(f"the {spec.role} world ({spec.ranks} rank(s)) failed with exit code "
+                           f"{proc.returncode}:\n{tail}")
+
+
+def _merge(merged: dict, key: str, world: dict) -> None:
+    """Pool a world's samples across rounds; the first round's other fields stay."""
+    if key not in merged:
+        merged[key] = world
+        return
+    for m, res in world["by_microbatches"].items():
+        for name, row in res["rules"].items():
+            mine = merged[key]["by_microbatches"][m]["rules"][name]
+            mine["samples_s"] += row["samples_s"]
+            mine["median_s"] = statistics.median(mine["samples_s"])
+
+
+def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microbatches: list[int]) -> dict:
+    """Ratios, the cost model's validation and predictions, from the measured worlds."""
+    by_role = {(s.role, s.ranks): merged[s.key] for s in worlds}
+    single, per_rank = by_role["single_device", 1], by_role["per_rank", 1]
+
+    def median(world: dict, m: int, name: str) -> float:
+        return world["by_microbatches"][str(m)]["rules"][name]["median_s"]
+
+    largest = max(ranks)
+    ratios_by_ranks: dict[str, dict] = {}
+    for n in ranks[1:]:
+        pipe = by_role["pipeline", n]
+        ratios_by_ranks[str(n)] = {str(m): {
+            "dkp_over_bp_single_device": median(single, 1, "dkp") / median(single, 1, "bp"),
+            "dfa_over_bp_single_device": median(single, 1, "dfa") / median(single, 1, "bp"),
+            "dkp_over_bp_gpipe": median(pipe, m, "dkp") / median(pipe, m, "bp@gpipe"),
+            "dkp_over_bp_1f1b": median(pipe, m, "dkp") / median(pipe, m, "bp@1f1b"),
+            "dfa_over_bp_gpipe": median(pipe, m, "dfa") / median(pipe, m, "bp@gpipe"),
+            "dfa_over_bp_1f1b": median(pipe, m, "dfa") / median(pipe, m, "bp@1f1b"),
+            "dkp_unlocking_speedup": median(per_rank, m, "dkp") / median(pipe, m, "dkp"),
+            "dkp_speedup_over_one_rank_all_cores": median(single, m, "dkp") / median(pipe, m, "dkp"),
+            "bp_1f1b_speedup": median(per_rank, m, "bp") / median(pipe, m, "bp@1f1b"),
+        } for m in microbatches}
+    headline = ratios_by_ranks.get(str(largest), {})
+    result = {
+        "model": per_rank["by_microbatches"][str(microbatches[0])]["model"],
+        "data": per_rank["by_microbatches"][str(microbatches[0])]["data"],
+        "batch_size": per_rank["by_microbatches"][str(microbatches[0])]["batch_size"],
+        "ranks": ranks, "microbatches": microbatches, "threads_per_rank": per_rank["threads_per_rank"],
+        "single_device": {
+            "threads": single["threads_per_rank"],
+            "step_s": {name: median(single, 1, name) for name in ("bp", "dfa", "dkp")},
+        },
+        "ratios": headline.get(str(microbatches[0]), {}),
+        "ratios_by_microbatches": {m: r for m, r in headline.items()},
+        "ratios_by_ranks": ratios_by_ranks,
+        "worlds": {s.key: {**merged[s.key], "role": s.role} for s in worlds},
+    }
+    result["cost_model"] = validate_cost_model(result, by_role, ranks=ranks, microbatches=microbatches)
+    return result
+
+
+def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microbatches: list[int]) -> dict:
+    """Predict every measured per-rank-thread configuration from the block costs and the link;
+    the relative errors, and the predictions for N = 1 ... 64 (as far as the blocks go)."""
+    per_rank = by_role["per_rank", 1]
+    link_world = next((by_role["pipeline", n] for n in ranks if n > 1), None)
+    link = costmodel.Link(**{k: link_world["link"][k] for k in ("latency_s", "bandwidth_Bps")}) \
+        if link_world and "link" in link_world else costmodel.Link()
+    rows = []
+    costs_by_m = {}
+    for m in microbatches:
+        costs = costmodel.BlockCosts.from_dict(per_rank["by_microbatches"][str(m)]["block_costs"])
+        costs_by_m[m] = costs
+        for n in ranks:
+            world = per_rank if n == 1 else by_role["pipeline", n]
+            res = world["by_microbatches"][str(m)]
+            partition = [range(a, b) for a, b in res["partition"]]
+            for name, row in res["rules"].items():
+                variant = Variant.parse(name)
+                method = variant.method(default_schedule="gpipe")
+                predicted = costmodel.simulate(costmodel.stage_costs(costs, partition, method), microbatches=m,
+                                               method=method, link=link, error_bytes=costs.error_bytes)
+                rows.append({"ranks": n, "microbatches": m, "variant": name, "measured_s": row["median_s"],
+                             "predicted_s": predicted,
+                             "relative_error": abs(predicted - row["median_s"]) / row["median_s"]})
+    num_blocks = next(iter(costs_by_m.values())).num_blocks
+    predictions = {}
+    for m, costs in costs_by_m.items():
+        predictions[str(m)] = {method: {str(n): costmodel.predict(costs, ranks=n, microbatches=m, method=method,
+                                                                    link=link)
+                                        for n in range(1, min(64, num_blocks) + 1)}
+                               for method in ("direct", "gpipe", "1f1b")}
+    ideal = {}
+    for m, costs in costs_by_m.items():
+        f, u, b = sum(costs.forward), sum(costs.update), sum(costs.backward)
+        ideal[str(m)] = {str(n): {
+            "dkp_unlocking_speedup": costmodel.ideal_direct_speedup(f / n, u / n, ranks=n, microbatches=m),
+            "dkp_over_bp_1f1b": (m * (f + u) + (n - 1) * f) / n / ((m + n - 1) * (f + b) / n),
+        } for n in ranks if n > 1}
+    return {
+        "link": {"latency_s": link.latency_s, "bandwidth_Bps": link.bandwidth_Bps},
+        "block_costs": {str(m): c.as_dict() for m, c in costs_by_m.items()},
+        "validation": rows,
+        "validation_error": max(r["relative_error"] for r in rows),
+        "predictions_s": predictions,
+        "ideal": ideal,
+    }
+
+
+def print_unlocking(result: dict, console: Console) -> None:
+    sd = result["single_device"]
+    console.print(f"[bold]{result['model']}[/] on {result['data']}, batch {result['batch_size']}; one device "
+                  f"({sd['threads']} threads, M=1): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in
+                                                                  sd["step_s"].items()))
+    table = Table(title=f"ratios ({result['threads_per_rank']} thread(s) per rank; < 1 means dkp is faster)")
+    table.add_column("N, M")
+    keys = list(next(iter(next(iter(result["ratios_by_ranks"].values())).values())))
+    for k in keys:
+        table.add_column(k.replace("_over_", "/").replace("_", " "), justify="right")
+    for n, by_m in result["ratios_by_ranks"].items():
+        for m, r in by_m.items():
+            table.add_row(f"{n}, {m}", *(f"{r[k]:.3f}" for k in keys))
+    console.print(table)
+    cm = result["cost_model"]
+    console.print(f"cost model: link {cm['link']['latency_s'] * 1e6:.0f} µs + "
+                  f"{cm['link']['bandwidth_Bps'] / 1e9:.2f} GB/s; largest relative error against the "
+                  f"{len(cm['validation'])} measured configurations: {cm['validation_error']:.3f}")
+
+
+def run_unlocking_in_world(config_for: ConfigFor, args, ctx: DistContext, console: Console) -> dict:
+    """The unlocking benchmark inside a launched world (torchrun, GPUs): one rank is rank 0 alone
+    (which is also the single device), the pipeline is the whole world."""
+    ranks = sorted(set([1, *parse_list(args.ranks, "--ranks")]))
+    if not set(ranks) <= {1, ctx.world_size}:
+        raise ValueError(f"--ranks {args.ranks} under torchrun with {ctx.world_size} rank(s): inside a launched world "
+                         f"only 1 and {ctx.world_size} can be measured; pass --ranks 1,{ctx.world_size}")
+    micro = parse_list(args.microbatches, "--microbatches")
+    worlds = unlocking_worlds(ranks, micro, threads=torch.get_num_threads(), all_cores=torch.get_num_threads())
+    single, per_rank = worlds[0], worlds[1]
+    variants = [Variant.parse(v) for v in dict.fromkeys(single.variants + per_rank.variants)]
+    one = None
+    if ctx.rank == 0:
+        console.print(f"[dim]one rank: rank 0 alone on {ctx.device}, M in {sorted(set([1, *micro]))} ...[/]")
+        one = measure_world(config_for, variants, DistContext(device=ctx.device),
+                            microbatches=list(single.microbatches), steps=args.steps, warmup=args.warmup,
+                            block_costs=True)
+    one = ctx.broadcast_object(one, src=0)  # the other ranks wait here while rank 0 measures
+    merged = {single.key: one, per_rank.key: one}
+    for spec in worlds[2:]:
+        merged[spec.key] = measure_world(config_for, [Variant.parse(v) for v in spec.variants], ctx,
+                                         microbatches=micro, steps=args.steps, warmup=args.warmup, link=True)
+    result = assemble(merged, worlds, ranks=ranks, microbatches=micro)
+    result["machine"] = machine(ctx)
+    return result

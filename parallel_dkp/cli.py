@@ -56,17 +56,31 @@ def _parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", help="write the metrics as JSON here")
     bench = sub.add_parser(
         "bench",
-        help="time training steps of several rules side by side (one process, or under torchrun)",
-        description="Interleaves one training step of each rule on the same batch and reports medians "
-                    "and ratios to the first rule. Under torchrun: layer-parallel, with per-rank phases.",
+        help="time training steps of several rules side by side; --ranks: the unlocking benchmark",
+        description="Without --ranks: interleaves one training step of each variant on the same batch in this "
+                    "world (one process, or every rank under torchrun) and reports medians and ratios to the first. "
+                    "With --ranks 1,2: launches its own gloo worlds on the CPU (one thread per rank unless "
+                    "--threads-per-rank says otherwise), or under torchrun measures rank 0 alone and the whole "
+                    "world, and reports dkp against bp on one device and through torch's GPipe/1F1B pipelines, "
+                    "the unlocking speed-up, and the cost model's predictions and error.",
     )
     bench.add_argument("--config", "-c")
     bench.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     bench.add_argument("--rules", default="bp,dfa,dkp",
-                       help="comma-separated, the first is the baseline (default: bp,dfa,dkp)")
-    bench.add_argument("--steps", type=int, default=20, help="timed steps per rule (default 20)")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per rule first (default 3)")
+                       help="comma-separated variants, the first is the baseline; a chained rule may name its "
+                            "pipeline schedule, e.g. bp@1f1b (default: bp,dfa,dkp; ignored with --ranks)")
+    bench.add_argument("--ranks", help="the unlocking benchmark over these world sizes, e.g. 1,2 (1 is always added)")
+    bench.add_argument("--microbatches", help="comma-separated micro-batch counts M (default: parallel.microbatches; "
+                                              "4 with --ranks); the first gives the headline ratios")
+    bench.add_argument("--threads-per-rank", type=int, default=1,
+                       help="CPU threads of each rank in the worlds --ranks launches (default 1)")
+    bench.add_argument("--rounds", type=int, default=2,
+                       help="with --ranks, measure every world this many times in turn and pool (default 2)")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
     bench.add_argument("--out", help="write the full result (all samples, machine) as JSON here")
+    bench.add_argument("--block-costs", action="store_true", help=argparse.SUPPRESS)  # a --ranks world's job
+    bench.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     add_plan_subparser(sub)
     report_command.add_subparser(sub)
     trials_command.add_subparser(sub)
@@ -74,31 +88,50 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args, cfg, console: Console) -> None:
-    from parallel_dkp.bench import bench_rules, print_bench, write_bench
+    from parallel_dkp import bench
     from parallel_dkp.parallel.distributed import distributed
 
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    if not rules:
-        raise ValueError(f"--rules {args.rules!r} names no rule; give a comma-separated list, e.g. --rules bp,dfa,dkp "
-                         "(the first is the baseline)")
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps {args.steps} --warmup {args.warmup}: bench needs at least one timed step and no "
                          "negative warm-up; set e.g. --steps 20 --warmup 3")
+    if args.threads_per_rank < 1 or args.rounds < 1:
+        raise ValueError(f"--threads-per-rank {args.threads_per_rank} --rounds {args.rounds}: both must be >= 1")
+    variants = [bench.Variant.parse(v) for v in args.rules.split(",") if v.strip()]
+    if not variants:
+        raise ValueError(f"--rules {args.rules!r} names no rule; give a comma-separated list, e.g. --rules bp,dfa,dkp "
+                         "(the first is the baseline)")
+    if args.ranks and not args.microbatches:
+        args.microbatches = "4"
+    microbatches = bench.parse_list(args.microbatches, "--microbatches") if args.microbatches else None
 
-    def config_for(rule: str, extra=()) -> Config:
-        # The same loader as train: per-rule sections and validation apply to every rule.
-        return load_config(args.config, [*args.overrides, f"rule.name={rule}", *extra])
+    def config_for(extra=()) -> Config:
+        # The same loader as train: per-rule sections and validation apply to every variant.
+        return load_config(args.config, [*args.overrides, *extra])
 
-    for rule in rules:  # every rule's config is checked before any process group starts
-        config_for(rule)
+    for v in variants:  # every variant's config is checked before any process group starts
+        for m in microbatches or [cfg.parallel.microbatches]:
+            config_for([*v.overrides, f"parallel.microbatches={m}"])
 
+    if args.ranks and "WORLD_SIZE" not in os.environ:
+        result = bench.run_unlocking(args, cfg, console)
+        bench.print_unlocking(result, console)
+        if args.out:
+            bench.write_json(result, args.out)
+        return
     with distributed(cfg.parallel, cfg.run) as ctx:
-        result = bench_rules(config_for, rules, ctx, steps=args.steps, warmup=args.warmup)
+        if args.ranks:
+            result = bench.run_unlocking_in_world(config_for, args, ctx, console)
+        else:
+            result = bench.measure_world(config_for, variants, ctx, microbatches=microbatches or
+                                         [cfg.parallel.microbatches], steps=args.steps, warmup=args.warmup,
+                                         block_costs=args.block_costs, link=True)
+            result["machine"] = bench.machine(ctx)
         result["command"] = " ".join(sys.argv)
         if ctx.is_last:
-            print_bench(result, console)
+            if not args.quiet:
+                (bench.print_unlocking if args.ranks else bench.print_world)(result, console)
             if args.out:
-                write_bench(result, args.out)
+                bench.write_json(result, args.out)
 
 
 def _owns_the_loss() -> bool:

@@ -184,7 +184,7 @@ def test_bench_applies_each_rules_own_config_section(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    configs = json.loads(out.read_text())["configs"]
+    configs = json.loads(out.read_text())["by_microbatches"]["1"]["configs"]
     assert configs["bp"]["optim"]["forward"]["lr"] == 0.1
     assert configs["dkp"]["optim"]["forward"]["lr"] == 0.01
     assert (configs["dkp"]["optim"]["feedback"]["name"], configs["dkp"]["optim"]["feedback"]["lr"]) == ("adam", 0.003)

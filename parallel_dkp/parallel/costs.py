@@ -1,17 +1,24 @@
-"""Measured per-block cost, and the partition the run uses (explicit or balanced)."""
+"""Measured per-block cost, the partition the run uses (explicit or balanced), and the per-block
+phases the cost model (``costmodel.py``) predicts step times from."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from dataclasses import replace
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from parallel_dkp.config import Config
 from parallel_dkp.models import module_device
+from parallel_dkp.parallel.costmodel import BlockCosts
 from parallel_dkp.parallel.distributed import DistContext
 from parallel_dkp.parallel.partition import balanced_partition, check_world_size, explicit_partition
+from parallel_dkp.rules.base import feedback_parameters, forward_parameters
 
 
 def measure_block_costs(
@@ -67,3 +74,81 @@ def choose_partition(
     costs = measure_block_costs(blocks, input_shape=input_shape, batch=microbatch)
     # Timings differ between ranks; every rank must cut at the same places, so rank 0 decides.
     return balanced_partition(ctx.broadcast_object(costs, src=0), world_size=ctx.world_size)
+
+
+def measure_block_phases(
+    cfg: Config, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, total: int, device: torch.device,
+    repeats: int = 5,
+) -> BlockCosts:
+    """Seconds per micro-batch ``x`` of each block's phases, as the schedules run them: the
+    forward pass, the backprop backward (input gradient included after block 0), the direct
+    rule's local update (``cfg.rule.name`` if it is direct, else dkp), and one optimizer step.
+    Fresh copies of the network are built for this; the run's own blocks are not touched.
+    ``total`` is the examples of a whole step (the loss and the error are divided by it)."""
+    from parallel_dkp.models import block_output_shapes, build_blocks
+    from parallel_dkp.optim import Optimizers
+    from parallel_dkp.parallel.stage import Stage
+    from parallel_dkp.rules import RULES, build_rule, output_error
+
+    input_shape = tuple(x.shape[1:])
+    direct = cfg.rule.name if RULES[cfg.rule.name].signal != "chain" else "dkp"
+
+    def stage(rule_name: str) -> Stage:
+        blocks = build_blocks(cfg.model, input_shape=input_shape, num_classes=num_classes, seed=cfg.run.seed)
+        shapes = block_output_shapes(blocks, input_shape)
+        return Stage(list(blocks.to(device)), indices=range(len(blocks)), num_blocks=len(blocks),
+                     rule=build_rule(replace(cfg.rule, name=rule_name)), out_shapes=shapes,
+                     num_classes=num_classes, seed=cfg.run.seed).train()
+
+    bp, dk = stage("bp"), stage(direct)
+    num = len(bp.blocks)
+    optims = {name: [Optimizers(forward=forward_parameters(b), feedback=feedback_parameters(b), cfg=cfg.optim)
+                     for b in s.blocks] for name, s in (("bp", bp), ("direct", dk))}
+    x, y = x.to(device), y.to(device)
+    samples: dict[str, list[list[float]]] = {k: [[] for _ in range(num)] for k in
+                                             ("forward", "backward", "update", "optim_bp", "optim_direct")}
+
+    def timed(key: str, i: int, fn):
+        _synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        _synchronize(device)
+        samples[key][i].append(time.perf_counter() - start)
+        return out
+
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        bp.zero_grad(set_to_none=True)
+        dk.zero_grad(set_to_none=True)
+        # backprop: each block on a cut input, so its backward can be timed on its own
+        links, inp = [], x
+        for i, block in enumerate(bp.blocks):
+            cut = inp.detach().requires_grad_(i > 0)
+            inp = timed("forward", i, lambda: block(cut))  # noqa: B023 - called at once
+            links.append((cut, inp))
+        grad = None
+        for i in reversed(range(num)):
+            cut, out = links[i]
+            if i == num - 1:
+                timed("backward", i, lambda: (F.cross_entropy(out, y, reduction="sum") / total).backward())  # noqa: B023
+            else:
+                timed("backward", i, lambda: out.backward(grad))  # noqa: B023
+            grad = cut.grad
+        for i, opt in enumerate(optims["bp"]):
+            timed("optim_bp", i, opt.step)
+        # the direct rule: forward (kept for the drain), the output update, then each hidden block's
+        hidden, inp = [], x
+        for block in dk.blocks:
+            inp = block(inp)
+            hidden.append((block, inp))
+        error = timed("update", num - 1,
+                      lambda: (lambda e: (inp.backward(e), e)[1])(output_error(inp, y, total)))
+        for i, (block, out) in enumerate(hidden[:-1]):
+            timed("update", i, lambda: dk.rule.local_update([(block, out)], error))  # noqa: B023
+        for i, opt in enumerate(optims["direct"]):
+            timed("optim_direct", i, opt.step)
+    median = {k: [statistics.median(s[1:]) for s in v] for k, v in samples.items()}
+    shapes = block_output_shapes(build_blocks(cfg.model, input_shape=input_shape, num_classes=num_classes,
+                                              seed=cfg.run.seed), input_shape)
+    item = x.element_size()
+    return BlockCosts(**median, out_bytes=[len(x) * math.prod(s) * item for s in shapes],
+                      error_bytes=len(x) * num_classes * item)

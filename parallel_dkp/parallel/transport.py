@@ -12,6 +12,7 @@ header, and no host read, is needed).
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -88,3 +89,29 @@ class Transport:
         if not self.ctx.distributed:
             return None
         return dist.broadcast(error_BK, src=self.ctx.last_rank, group=self.error_group, async_op=True)
+
+
+def ping_pong(ctx: DistContext, num_bytes: int, *, repeats: int) -> list[float]:
+    """One-way seconds of ``num_bytes`` between ranks 0 and 1 (half of each round trip), measured
+    on rank 0 after one untimed round; the other ranks only take part in the closing barrier."""
+    tensor = torch.zeros(max(1, num_bytes // 4), dtype=torch.float32, device=ctx.device)
+    times = []
+    for i in range(repeats + 1):
+        if ctx.rank == 0:
+            _synchronize(ctx.device)
+            start = time.perf_counter()
+            dist.send(tensor, 1)
+            dist.recv(tensor, 1)
+            _synchronize(ctx.device)
+            if i:
+                times.append((time.perf_counter() - start) / 2)
+        elif ctx.rank == 1:
+            dist.recv(tensor, 0)
+            dist.send(tensor, 0)
+    ctx.barrier()
+    return times
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # measuring, not training: waiting here is what timing needs
+        torch.cuda.synchronize(device)

@@ -1,0 +1,112 @@
+"""``parallel-dkp bench``: the unlocking benchmark's JSON, its variants and its per-block costs.
+
+Timings are never asserted: only that every number the issue asks for is there, finite and
+consistent with the other numbers of the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parallel_dkp.bench import Variant, parse_list
+from parallel_dkp.config import load_config
+from parallel_dkp.models import block_output_shapes, build_blocks
+from parallel_dkp.parallel import costmodel
+from parallel_dkp.parallel.costs import measure_block_phases
+
+TINY = ["--set", "data.name=synthetic", "--set", "data.synthetic_shape=[1, 8, 8]", "--set", "data.synthetic_size=64",
+        "--set", "data.batch_size=16", "--set", "model.name=conv2"]
+
+
+@pytest.mark.multirank
+def test_unlocking_benchmark_writes_every_field(tmp_path):
+    """Pinpoints a field of the issue missing from ``bench --ranks 1,2``'s JSON, or a ratio that is
+    not the quotient of the step times it names."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "parallel_dkp", "bench", *TINY, "--ranks", "1,2", "--microbatches", "2,4",
+         "--steps", "1", "--warmup", "0", "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["ranks"] == [1, 2] and r["microbatches"] == [2, 4] and r["threads_per_rank"] == 1
+    assert set(r["single_device"]["step_s"]) == {"bp", "dfa", "dkp"}
+    names = {"dkp_over_bp_single_device", "dfa_over_bp_single_device", "dkp_over_bp_gpipe", "dkp_over_bp_1f1b",
+             "dkp_unlocking_speedup", "dkp_speedup_over_one_rank_all_cores"}
+    assert names <= set(r["ratios"])
+    assert set(r["ratios_by_microbatches"]) == {"2", "4"}
+    assert r["ratios"] == r["ratios_by_microbatches"]["2"]
+    pipe = r["worlds"]["pipeline:2x1"]["by_microbatches"]["4"]
+    one = r["worlds"]["per_rank:1x1"]["by_microbatches"]["4"]
+    step = {name: row["median_s"] for name, row in pipe["rules"].items()}
+    assert set(step) == {"dkp", "dfa", "bp@gpipe", "bp@1f1b"}
+    by4 = r["ratios_by_microbatches"]["4"]
+    assert by4["dkp_over_bp_1f1b"] == pytest.approx(step["dkp"] / step["bp@1f1b"])
+    assert by4["dkp_unlocking_speedup"] == pytest.approx(one["rules"]["dkp"]["median_s"] / step["dkp"])
+    # per rank: phases, idle fraction, memory
+    for phases in pipe["phases_per_rank"]["dkp"]:
+        assert {"forward", "update", "wait", "send", "idle_fraction"} <= set(phases)
+    assert len(pipe["phases_per_rank"]["dkp"]) == 2
+    assert len(r["worlds"]["pipeline:2x1"]["peak_rss_mb_per_rank"]) == 2
+    assert r["worlds"]["single_device:1x" + str(r["single_device"]["threads"])]["threads_per_rank"] >= 1
+    # the cost model: block costs per M, the link, a prediction for every measured configuration
+    cm = r["cost_model"]
+    assert set(cm["block_costs"]) == {"2", "4"} and len(cm["block_costs"]["4"]["forward"]) == 4
+    assert cm["link"]["latency_s"] >= 0 and cm["link"]["bandwidth_Bps"] > 0
+    assert len(cm["validation"]) == 2 * (3 + 4)  # per M: 3 variants on 1 rank, 4 on 2 ranks
+    assert cm["validation_error"] == max(row["relative_error"] for row in cm["validation"])
+    assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
+    assert set(cm["predictions_s"]["4"]["direct"]) == {"1", "2", "3", "4"}
+    assert set(cm["ideal"]["4"]["2"]) == {"dkp_unlocking_speedup", "dkp_over_bp_1f1b"}
+
+
+def test_unlocking_benchmark_refuses_more_ranks_than_blocks(tmp_path):
+    """Pinpoints worlds launched (and failing one by one) for a rank count the model cannot run."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "parallel_dkp", "bench", *TINY, "--ranks", "1,5", "--out", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "conv2 has 4 blocks, so at most 4 ranks" in " ".join(proc.stderr.split())
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_variants_name_a_rule_and_a_pipeline_schedule():
+    assert Variant.parse("bp@1f1b").overrides == ("rule.name=bp", "parallel.schedule=1f1b")
+    assert Variant.parse("dkp").method("gpipe") == "direct"
+    assert Variant.parse("drtp").method("gpipe") == "targets"
+    assert Variant.parse("kp").method("1f1b") == "1f1b"
+    for bad, message in [("dkp@1f1b", "backward-unlocked"), ("bp@zero", "gpipe or 1f1b"), ("sgd", "not a rule")]:
+        with pytest.raises(ValueError, match=message):
+            Variant.parse(bad)
+    assert parse_list("1,2,2,4", "--ranks") == [1, 2, 4]
+    for bad in ("", "0,2", "two"):
+        with pytest.raises(ValueError, match="whole numbers"):
+            parse_list(bad, "--ranks")
+
+
+def test_block_phases_cover_every_block():
+    """Pinpoints per-block costs with a block missing, a negative or non-finite time, or output
+    sizes that are not what the next stage receives."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.name=conv2", "data.name=synthetic", "data.synthetic_shape=[1, 8, 8]"])
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    costs = measure_block_phases(cfg, x, y, num_classes=10, total=32, device=torch.device("cpu"), repeats=2)
+    assert costs.num_blocks == 4
+    for name in ("forward", "backward", "update", "optim_bp", "optim_direct"):
+        values = getattr(costs, name)
+        assert all(math.isfinite(v) and v > 0 for v in values), name
+    shapes = block_output_shapes(build_blocks(cfg.model, input_shape=(1, 8, 8), num_classes=10, seed=0), (1, 8, 8))
+    assert list(costs.out_bytes) == [8 * math.prod(s) * 4 for s in shapes]
+    assert costs.error_bytes == 8 * 10 * 4
+    # the replay of one rank's step equals the sum of its parts
+    one = costmodel.stage_costs(costs, [range(4)], "direct")[0]
+    want = 2 * (one.forward + one.update_output + one.update_hidden) + one.optim
+    assert costmodel.simulate([one], microbatches=2, method="direct") == pytest.approx(want)
