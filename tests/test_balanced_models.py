@@ -1,5 +1,6 @@
-"""``vit`` and ``convdeep``, the networks of equal blocks: every rule's math, FA/KP's feedback twins,
-direct rules' cut inputs, 2-rank runs against one process, and the block count."""
+"""``vit`` and ``convdeep``, the networks of equal blocks: their layout (input block, equal blocks,
+head), every rule's math, FA/KP's feedback twins, direct rules' cut inputs, 2-rank runs against one
+process, and the block count."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def test_updates_match_autograd_reference(rule, model, microbatches, float64):
     test_rules.test_updates_match_autograd_reference(rule, model, TINY_INPUT, microbatches, None)
 
 
+@MODELS
+def test_input_layer_is_its_own_block_before_identical_blocks(model):
+    """Pinpoints the input layer (vit's patch embedding, convdeep's stem) folded into the first equal
+    block again, which makes block 0 cost more than the others and unbalances every partition; or
+    hidden blocks 1..depth that are not identical (parameter shapes)."""
+    names = [spec.name for spec in blocks_module.block_specs(model, input_shape=TINY_INPUT, num_classes=3)]
+    equal = "attn" if model.name == "vit" else "conv"
+    first = "embed" if model.name == "vit" else "stem"
+    assert names == [first, *(f"{equal}{i}" for i in range(1, model.depth + 1)), "out"]
+    blocks = build_blocks(model, input_shape=TINY_INPUT, num_classes=3, seed=0)
+    if model.name == "vit":
+        assert type(blocks[0]) is blocks_module._PatchEmbedding
+        assert all(type(b) is blocks_module._TransformerBlock for b in blocks[1:-1])
+    else:  # the stem: one linear conv C -> width (BN and ReLU would make it cost half a block)
+        assert [type(m) for m in blocks[0]] == [nn.Conv2d]
+        assert blocks[0][0].in_channels == TINY_INPUT[0] and blocks[0][0].out_channels == model.width
+    shapes = [[tuple(p.shape) for p in b.parameters()] for b in blocks]
+    assert all(s == shapes[1] for s in shapes[1:-1]), shapes
+    assert shapes[0] != shapes[1]
+
+
 def _expected_twins(model: ModelConfig) -> dict[type, int]:
     if model.name == "vit":  # patch conv; qkv, proj and the MLP's two Linears per block; the head
         return {FeedbackConv2d: 1, FeedbackLinear: 4 * model.depth + 1}
@@ -60,7 +82,7 @@ def _expected_twins(model: ModelConfig) -> dict[type, int]:
 @pytest.mark.parametrize("rule", ["fa", "kp"])
 def test_fa_kp_swap_every_layer_for_a_feedback_twin(rule, model):
     """Pinpoints a Linear/Conv2d that FA/KP left as a plain layer (it would backpropagate with W):
-    inside attention (q/k/v and output projections), the MLP, the patch embedding and every conv."""
+    inside attention (q/k/v and output projections), the MLP, the patch embedding (block 0) and every conv."""
     stage = make_stage(rule, model, TINY_INPUT)
     plain = [name for name, m in stage.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     assert plain == []
@@ -71,18 +93,20 @@ def test_fa_kp_swap_every_layer_for_a_feedback_twin(rule, model):
             assert m.feedback.weight.shape == m.weight.shape
             assert m.feedback.learned == (rule == "kp")
     if model.name == "vit":
-        for block in [stage.blocks[0][1], stage.blocks[1]]:
+        for block in stage.blocks[1:-1]:
             layers = [block.attn.qkv, block.attn.proj, block.mlp[0], block.mlp[2]]
             assert all(type(layer) is FeedbackLinear for layer in layers)
-        assert type(stage.blocks[0][0].proj) is FeedbackConv2d
+        assert type(stage.blocks[0].proj) is FeedbackConv2d
 
 
 @MODELS
 @pytest.mark.parametrize("rule", ALL_RULES)
 def test_direct_rules_cut_every_block_input(rule, model):
     """Pinpoints a direct rule whose backward reaches another block: no block input may require
-    grad during the local updates, each hidden block's B_j is [K, numel(output)], and on convdeep
-    only the conv that feeds block 0's stem computes an input gradient (bp: every conv but the stem)."""
+    grad during the local updates, and every hidden block, the input block (patch embedding, stem)
+    included, has its own B_j of [K, numel(output)]. Also pinpoints a conv that computes an input
+    gradient nobody needs: under a direct rule none does (the stem's input is the image, every other
+    block's input is cut), under bp/fa/kp every conv but the stem and the patch embedding does."""
     stage = make_stage(rule, model, TINY_INPUT)
     bodies = [getattr(block, "block", block) for block in stage.blocks]
     inputs = []
@@ -99,19 +123,23 @@ def test_direct_rules_cut_every_block_input(rule, model):
         tokens = (TINY_INPUT[1] // model.patch) * (TINY_INPUT[2] // model.patch)
         numel = tokens * model.dim if model.name == "vit" else model.width * TINY_INPUT[1] * TINY_INPUT[2]
         shapes = [None if b.feedback is None else tuple(b.feedback.weight.shape) for b in stage.blocks]
-        assert shapes == [(3, numel)] * model.depth + [None]
+        assert shapes == [(3, numel)] * (model.depth + 1) + [None]
     elif rule != "bp_fc_only":
         assert all(inp.requires_grad for inp in inputs[1:len(bodies)])
-    if model.name == "convdeep":
-        input_grads = {"bp_fc_only": 0, **dict.fromkeys(DIRECT, 1)}.get(rule, model.depth)
-        assert sum(log.input_grad_masks) == 2 * input_grads, log.input_grad_masks
+    num_convs = model.depth + 1 if model.name == "convdeep" else 1  # per micro-batch
+    chained = model.depth if model.name == "convdeep" else 0  # bp/fa/kp: every conv after the input layer
+    input_grads = {"bp_fc_only": 0, **dict.fromkeys(DIRECT, 0)}.get(rule, chained)
+    if rule != "bp_fc_only":  # its frozen convs run no backward at all
+        assert len(log.input_grad_masks) == 2 * num_convs, log.input_grad_masks
+    assert sum(log.input_grad_masks) == 2 * input_grads, log.input_grad_masks
 
 
 def test_bp_fc_only_freezes_only_the_patch_embedding_of_vit():
-    """Pinpoints bp_fc_only on vit freezing more than its one convolution, or training it."""
+    """Pinpoints bp_fc_only on vit freezing more than its one convolution (block 0's patch
+    projection; the position embedding beside it still learns), or training it."""
     stage = make_stage("bp_fc_only", TINY_VIT, TINY_INPUT)
     frozen = sorted(name for name, p in stage.named_parameters() if not p.requires_grad)
-    assert frozen == ["blocks.0.0.proj.bias", "blocks.0.0.proj.weight"]
+    assert frozen == ["blocks.0.proj.bias", "blocks.0.proj.weight"]
 
 
 # --------------------------------------------------------------------------- two ranks
@@ -124,15 +152,16 @@ STEPS = 3
 @pytest.mark.multirank
 def test_two_ranks_match_single_process(tmp_path):
     """Pinpoints a runtime that changes the math of vit or convdeep when the blocks are split
-    [1, 2] over two gloo ranks (token-shaped activations through the transport, LayerNorm,
-    attention): parameters, buffers, feedback and test metrics must equal one process."""
+    [2, 2] over two gloo ranks (the input block and the first equal block on rank 0; token-shaped
+    activations through the transport, LayerNorm, attention): parameters, buffers, feedback and
+    test metrics must equal one process."""
     models = ["vit", "convdeep"]
-    spawn(train_balanced_models, 2, str(tmp_path), models, PARALLEL_RULES, (1, 2), 2, STEPS, timeout=300)
+    spawn(train_balanced_models, 2, str(tmp_path), models, PARALLEL_RULES, (2, 2), 2, STEPS, timeout=300)
     for model in models:
         for rule in PARALLEL_RULES:
             want = run_steps(balanced_config(model, rule, microbatches=2), DistContext(), STEPS)
             got_state, got_eval, got_partition = _merge(tmp_path, f"{model}-{rule}", 2)
-            assert got_partition == [[0], [1, 2]]
+            assert got_partition == [[0, 1], [2, 3]]
             assert sorted(got_state) == sorted(want["state"]), (model, rule)
             for key, value in want["state"].items():
                 torch.testing.assert_close(got_state[key], value, msg=lambda m: f"{model}/{rule}/{key}: {m}")
@@ -145,14 +174,15 @@ def test_two_ranks_match_single_process(tmp_path):
 
 @pytest.mark.parametrize("name", ["vit", "convdeep"])
 @pytest.mark.parametrize("depth", [1, 4, 6])
-def test_num_blocks_and_plan_report_depth_plus_one(capsys, name, depth):
-    """Pinpoints a block count other than depth + 1 (``num_blocks``, ``parallel-dkp plan``), or one
-    that depends on the input (vit's default patch 7 does not divide plan's 32x32 dummy)."""
+def test_num_blocks_and_plan_report_depth_plus_two(capsys, name, depth):
+    """Pinpoints a block count other than depth + 2 (input block, depth equal blocks, head;
+    ``num_blocks``, ``parallel-dkp plan``), or one that depends on the input (vit's default patch 7
+    does not divide plan's 32x32 dummy)."""
     cfg = ModelConfig(name=name, depth=depth)
-    assert num_blocks(cfg) == depth + 1
-    assert len(blocks_module.block_specs(cfg, input_shape=(1, 28, 28), num_classes=10)) == depth + 1
+    assert num_blocks(cfg) == depth + 2
+    assert len(blocks_module.block_specs(cfg, input_shape=(1, 28, 28), num_classes=10)) == depth + 2
     assert main(["plan", "--set", f"model.name={name}", "--set", f"model.depth={depth}", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"model": name, "num_blocks": depth + 1, "max_ranks": depth + 1}
+    assert json.loads(capsys.readouterr().out) == {"model": name, "num_blocks": depth + 2, "max_ranks": depth + 2}
 
 
 def test_plan_builds_no_vit_or_convdeep_block(monkeypatch):
@@ -163,7 +193,7 @@ def test_plan_builds_no_vit_or_convdeep_block(monkeypatch):
     for helper in ("_conv_block", "_PatchEmbedding", "_TransformerBlock"):
         monkeypatch.setattr(blocks_module, helper, refuse)
     for name in ("vit", "convdeep"):
-        assert make_plan(load_config(None, [f"model.name={name}"])).max_ranks == 5
+        assert make_plan(load_config(None, [f"model.name={name}"])).max_ranks == 6  # depth 4 + 2
 
 
 @pytest.mark.parametrize("override, words", [
@@ -204,4 +234,4 @@ def test_vit_blocks_end_with_a_layernorm_unless_batch_norm_is_off():
     for batch_norm, kind in ((True, nn.LayerNorm), (False, nn.Identity)):
         model = ModelConfig(name="vit", dim=8, heads=2, patch=2, depth=2, batch_norm=batch_norm)
         blocks = build_blocks(model, input_shape=TINY_INPUT, num_classes=3, seed=0)
-        assert [type(b.norm_out) for b in (blocks[0][1], blocks[1])] == [kind, kind]
+        assert [type(b.norm_out) for b in blocks[1:-1]] == [kind, kind]

@@ -211,12 +211,23 @@ def _alexnet_small(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: 
 # --------------------------------------------------------------------------- balanced networks
 #
 # Layer parallelism pays only when every stage costs the same (DESIGN.md §2, "Balance"). These two
-# networks are stacks of identical blocks; the first block also carries the input layer (patch
-# embedding or stem convolution), the output block is a small head. Measured on the 2-core CPU
-# (one thread, batch 128, 28x28, forward + backward without input gradient, a busy machine):
-# vit's block 0 costs what the others do (31 vs 28-32 ms; its patch embedding 3 ms), convdeep's
-# about twice (186 vs 93-100 ms: the stem's BN and ReLU on width·H·W values, and the input
-# gradient inside block 0 that the stem's weights need).
+# networks are an input block (patch embedding or stem convolution), ``model.depth`` identical
+# blocks and a small head: ``depth + 2`` blocks, so that the equal blocks split evenly over a rank
+# count dividing ``depth`` and the cheaper end blocks join the first and last stages.
+# Why the input layer is a block of its own: in the earlier design block 0 held it *and* the first
+# equal block, and under the direct rules (each block trained on its own, its input cut) that first
+# block had to compute an input gradient for the input layer's weights; block 0's local update then
+# cost ~2x the others' on convdeep and ~1.2x on vit, its forward ~1.3x, which unbalanced every
+# partition. Now no block computes an input gradient under a direct rule (the input block's input
+# is the image). Rough numbers (a busy 2-core CPU, one thread, batch 32, 28x28, default sizes, dkp,
+# ``parallel_dkp.parallel.costs.measure_block_phases``; ms of forward / local update per block):
+# earlier design, convdeep block 0 20 / 43 vs 12-13 / 16-18 for the others, vit 2.2 / 5.7 vs
+# 1.3-1.6 / 3.1-4.0; now the stem 3.8 / 7.9 vs 11-12 / 14-16, the patch embedding 0.5 / 0.7 vs
+# 1.7-1.8 / 4-7, the head below 1 ms. A stem with BN and ReLU still cost about half an equal block's
+# update (its output, BN and ReLU are as large as a block's), so convdeep's stem is linear, like
+# vit's patch embedding (and ConvNeXt's or ResNet-D's stems before their first normalised block):
+# the next block's BN normalises what it makes. ``balanced_partition`` on measured costs, not a
+# split by counts, is still what evens the stages.
 
 
 class _SelfAttention(nn.Module):
@@ -291,16 +302,16 @@ class _MeanTokens(nn.Module):
 
 def _vit(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[BlockSpec]:
     """A small Vision Transformer of ``model.depth`` identical pre-norm blocks (width ``model.dim``,
-    ``model.heads`` heads) on ``model.patch``-sided patches: ``depth + 1`` blocks.
+    ``model.heads`` heads) on ``model.patch``-sided patches: ``depth + 2`` blocks.
 
-    Block 0 is the patch embedding and the first transformer block, blocks 1..depth-1 one
-    transformer block each, the output block LayerNorm, mean over tokens and ``Linear(dim, K)``.
+    Block 0 (``embed``) is the patch embedding alone, blocks 1..depth (``attn1``..``attn{depth}``)
+    one transformer block each, the output block LayerNorm, mean over tokens and ``Linear(dim, K)``.
     With ``model.batch_norm`` (the default) every transformer block also ends with a LayerNorm of
     its output, without which DFA/DKP diverge (see ``_TransformerBlock``).
-    A hidden block's output is ``[tokens, dim]``, so a direct rule's ``B_j`` is
-    ``K × tokens·dim``. The only convolution is the patch embedding, so ``bp_fc_only`` freezes
-    just that (and trains every transformer block). The image sides must be divisible by
-    ``model.patch``; that is checked when block 0 is built, not here, so that the block count
+    Every hidden block's output (the embedding's too) is ``[tokens, dim]``, so a direct rule's
+    ``B_j`` is ``K × tokens·dim``. The only convolution is the patch embedding, so ``bp_fc_only``
+    freezes just block 0 (and trains every transformer block). The image sides must be divisible
+    by ``model.patch``; that is checked when block 0 is built, not here, so that the block count
     can be taken from any dummy input (``num_blocks``).
     """
     c, h, w = _image_shape(input_shape, "vit")
@@ -310,7 +321,7 @@ def _vit(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> li
             f"model.heads={math.gcd(cfg.dim, cfg.heads)} or model.dim={cfg.heads * max(1, cfg.dim // cfg.heads)}"
         )
 
-    def embedding_and_first() -> nn.Sequential:
+    def embedding() -> _PatchEmbedding:
         if h % cfg.patch or w % cfg.patch:
             fits = [p for p in range(2, min(h, w) // 2 + 1) if h % p == 0 and w % p == 0] or [1]
             raise ValueError(
@@ -318,38 +329,33 @@ def _vit(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> li
                 f"both sides; set model.patch to one of {fits}, or data.image_size to a multiple of it"
             )
         num_tokens = (h // cfg.patch) * (w // cfg.patch)
-        return nn.Sequential(_PatchEmbedding(c, cfg.dim, cfg.patch, num_tokens), transformer())
+        return _PatchEmbedding(c, cfg.dim, cfg.patch, num_tokens)
 
     def transformer() -> _TransformerBlock:
         return _TransformerBlock(cfg.dim, cfg.heads, out_norm=cfg.batch_norm)
 
     return [
-        BlockSpec("embed+attn0", embedding_and_first),
-        *(BlockSpec(f"attn{i}", transformer) for i in range(1, cfg.depth)),
+        BlockSpec("embed", embedding),
+        *(BlockSpec(f"attn{i}", transformer) for i in range(1, cfg.depth + 1)),
         BlockSpec("out", lambda: nn.Sequential(nn.LayerNorm(cfg.dim), _MeanTokens(), nn.Linear(cfg.dim, num_classes))),
     ]
 
 
 def _convdeep(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[BlockSpec]:
-    """``model.depth`` equal conv blocks at the input's resolution: ``depth + 1`` blocks.
+    """``model.depth`` equal conv blocks at the input's resolution: ``depth + 2`` blocks.
 
-    Block 0 is a stem (3x3 conv C→width, BN, ReLU) and the first width→width block; blocks
-    1..depth-1 are 3x3 conv width→width (padding 1), BN, ReLU each; the output block global
-    average pooling and ``Linear(width, K)`` (the only pooling). A hidden block's output is
-    ``[width, H, W]``, so a direct rule's ``B_j`` is ``K × width·H·W``. ``bp_fc_only`` freezes
-    every convolution and BN here: only the output layer learns.
+    Block 0 (``stem``) is a linear 3x3 conv C→width (padding 1) alone; blocks 1..depth
+    (``conv1``..``conv{depth}``) are 3x3 conv width→width (padding 1), BN, ReLU each; the output
+    block global average pooling and ``Linear(width, K)`` (the only pooling). Every hidden block's
+    output (the stem's too) is ``[width, H, W]``, so a direct rule's ``B_j`` is ``K × width·H·W``.
+    ``bp_fc_only`` freezes every convolution and BN here: only the output layer learns.
     """
     c, _, _ = _image_shape(input_shape, "convdeep")
     width, bn = cfg.width, cfg.batch_norm
-
-    def stem_and_first() -> nn.Sequential:
-        return nn.Sequential(*_conv_block(c, width, kernel=3, padding=1, bn=bn),
-                             *_conv_block(width, width, kernel=3, padding=1, bn=bn))
-
     return [
-        BlockSpec("stem+conv0", stem_and_first),
+        BlockSpec("stem", lambda: nn.Sequential(nn.Conv2d(c, width, 3, padding=1))),
         *(BlockSpec(f"conv{i}", lambda: _conv_block(width, width, kernel=3, padding=1, bn=bn))
-          for i in range(1, cfg.depth)),
+          for i in range(1, cfg.depth + 1)),
         BlockSpec("out", lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))),
     ]
 
