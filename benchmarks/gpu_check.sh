@@ -12,6 +12,8 @@
 #                  final parameters within rtol 1e-3 / atol 1e-4 -> $OUT/compare.json (max abs diff per rule)
 #   bench_*        parallel-dkp bench of bp,bp_fc_only,dfa,dkp on one GPU: conv2 batch 128 and 1024,
 #                  alexnet_small (synthetic 3x32x32, 100 classes) batch 256 -> $OUT/bench_<model>_b<batch>.json
+#   unlocking_*    parallel-dkp bench --ranks 1 on convdeep and vit (synthetic 1x28x28): the one-device part of
+#                  the unlocking benchmark and the cost model's per-block calibration -> $OUT/unlocking_<model>.json
 #   memory_*       torch.cuda.max_memory_allocated after a few steps of every rule, conv2 batch 1024 and
 #                  alexnet_small batch 256 -> $OUT/memory_<model>_b<batch>.json
 # Then $OUT/summary.txt: mode, card, commit and one line per step "<step> PASS|FAIL|SKIP <seconds>s".
@@ -50,7 +52,9 @@ if [[ "${DRY_RUN:-0}" == "1" || "$cuda" != "True" ]]; then
   conv2_data=(--set data.name=synthetic --set "data.synthetic_shape=[1, 28, 28]" --set data.synthetic_size=256)
   conv2_small=32 conv2_large=64
   alex_size=16 alex_batch=8
-  limits=(60 120 120 120 120 120 120 120)
+  limits=(60 120 120 120 120 120 120 120 120 120)
+  balanced_sizes=(--set "data.synthetic_shape=[1, 8, 8]" --set data.synthetic_size=64 --set data.batch_size=16
+                  --set model.width=4 --set model.dim=8 --set model.heads=2 --set model.patch=2 --set model.depth=2)
 else
   mode=gpu
   device=cuda
@@ -66,7 +70,8 @@ locate(load_config("configs/default.toml").data)' >/dev/null 2>&1; then
   conv2_small=128 conv2_large=1024
   alex_size=2048 alex_batch=256
   # seconds per step: device, pytest_gpu, compare, 3 x bench, 2 x memory (the budget caps the sum)
-  limits=(60 240 120 90 90 120 90 120)
+  limits=(60 240 120 90 90 120 90 120 90 90)
+  balanced_sizes=(--set "data.synthetic_shape=[1, 28, 28]" --set data.synthetic_size=1024)
 fi
 alex=(--config configs/alexnet_small_cifar100.toml --set data.name=synthetic --set "data.synthetic_shape=[3, 32, 32]"
       --set data.synthetic_classes=100 --set "data.synthetic_size=$alex_size" --set model.name=alexnet_small
@@ -134,7 +139,16 @@ run_step "bench_conv2_b$conv2_large" "${limits[4]}" "$py" -m parallel_dkp bench 
 run_step "bench_alexnet_small_b$alex_batch" "${limits[5]}" "$py" -m parallel_dkp bench "${alex[@]}" \
   --rules "$bench_rules" "${steps[@]}" --out "$OUT/bench_alexnet_small_b$alex_batch.json"
 
-# 5. peak memory of every rule
+# 5. the unlocking benchmark's one-device part and the cost model's calibration (per-block phases) on
+#    the balanced networks: bp/dfa/dkp step times at M = 1 and 4, every block's forward, backward,
+#    local update and optimizer step -> $OUT/unlocking_<model>.json (its "cost_model" section)
+for model in convdeep vit; do
+  run_step "unlocking_$model" "${limits[$([[ $model == convdeep ]] && echo 8 || echo 9)]}" "$py" -m parallel_dkp bench \
+    --config configs/default.toml --set data.name=synthetic "${balanced_sizes[@]}" --set "model.name=$model" \
+    --set run.progress=false --ranks 1 --microbatches 1,4 "${steps[@]}" --rounds 1 --out "$OUT/unlocking_$model.json"
+done
+
+# 6. peak memory of every rule
 run_step "memory_conv2_b$conv2_large" "${limits[6]}" "$py" benchmarks/gpu_check.py memory --out "$OUT" \
   --device "$device" --name "conv2_b$conv2_large" "${conv2[@]}" --set "data.batch_size=$conv2_large" --steps "$mem_steps"
 run_step "memory_alexnet_small_b$alex_batch" "${limits[7]}" "$py" benchmarks/gpu_check.py memory --out "$OUT" \

@@ -426,17 +426,17 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
 def print_unlocking(result: dict, console: Console) -> None:
     sd = result["single_device"]
     console.print(f"[bold]{result['model']}[/] on {result['data']}, batch {result['batch_size']}; one device "
-                  f"({sd['threads']} threads, M=1): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in
-                                                                  sd["step_s"].items()))
-    table = Table(title=f"ratios ({result['threads_per_rank']} thread(s) per rank; < 1 means dkp is faster)")
-    table.add_column("N, M")
-    keys = list(next(iter(next(iter(result["ratios_by_ranks"].values())).values())))
-    for k in keys:
-        table.add_column(k.replace("_over_", "/").replace("_", " "), justify="right")
-    for n, by_m in result["ratios_by_ranks"].items():
-        for m, r in by_m.items():
-            table.add_row(f"{n}, {m}", *(f"{r[k]:.3f}" for k in keys))
-    console.print(table)
+                  f"({sd['threads']} thread(s), M=1): "
+                  + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sd["step_s"].items()))
+    columns = [(n, m) for n, by_m in result["ratios_by_ranks"].items() for m in by_m]
+    if columns:
+        table = Table(title=f"ratios, {result['threads_per_rank']} thread(s) per rank (dkp/bp < 1: dkp is faster)")
+        table.add_column("ratio")
+        for n, m in columns:
+            table.add_column(f"N={n} M={m}", justify="right")
+        for key in result["ratios_by_ranks"][columns[0][0]][columns[0][1]]:
+            table.add_row(key, *(f"{result['ratios_by_ranks'][n][m][key]:.3f}" for n, m in columns))
+        console.print(table)
     cm = result["cost_model"]
     console.print(f"cost model: link {cm['link']['latency_s'] * 1e6:.0f} µs + "
                   f"{cm['link']['bandwidth_Bps'] / 1e9:.2f} GB/s; largest relative error against the "

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bench(args, cfg, console: Console) -> None:
     from parallel_dkp import bench
-    from parallel_dkp.parallel.distributed import distributed
+    from parallel_dkp.parallel.distributed import distributed, resolve_device
 
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps {args.steps} --warmup {args.warmup}: bench needs at least one timed step and no "
@@ -112,7 +112,8 @@ def _bench(args, cfg, console: Console) -> None:
         for m in microbatches or [cfg.parallel.microbatches]:
             config_for([*v.overrides, f"parallel.microbatches={m}"])
 
-    if args.ranks and "WORLD_SIZE" not in os.environ:
+    if args.ranks and "WORLD_SIZE" not in os.environ and resolve_device(cfg.run).type == "cpu":
+        # the CPU simulation: gloo worlds of each size, launched from here
         result = bench.run_unlocking(args, cfg, console)
         bench.print_unlocking(result, console)
         if args.out:

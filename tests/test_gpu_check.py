@@ -32,7 +32,7 @@ def test_gpu_check_dry_run(tmp_path):
 
     rows = {line.split()[0]: line.split()[1] for line in summary.splitlines() if line and not line.startswith("#")}
     steps = ["device", "pytest_gpu", "compare", "bench_conv2_b32", "bench_conv2_b64", "bench_alexnet_small_b8",
-             "memory_conv2_b64", "memory_alexnet_small_b8"]
+             "unlocking_convdeep", "unlocking_vit", "memory_conv2_b64", "memory_alexnet_small_b8"]
     assert list(rows) == steps, summary
     assert all(status == "PASS" for status in rows.values()), summary
     assert "mode dry-run" in summary and "# RESULT: PASS" in summary
@@ -51,11 +51,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(row["ok"] and row["max_abs_diff"] == 0.0 for row in compare["rules"].values())  # CPU vs CPU
 
     for name, batch in [("bench_conv2_b32.json", 32), ("bench_conv2_b64.json", 64), ("bench_alexnet_small_b8.json", 8)]:
-        bench = load(name)
+        bench = load(name)["by_microbatches"]["1"]
         assert list(bench["rules"]) == BENCH_RULES, name
         assert bench["batch_size"] == batch and bench["data"] == "synthetic", name
         assert all(row["median_s"] > 0 for row in bench["rules"].values()), name
-    assert load("bench_alexnet_small_b8.json")["model"] == "alexnet_small"
+    assert load("bench_alexnet_small_b8.json")["by_microbatches"]["1"]["model"] == "alexnet_small"
+
+    for model in ("convdeep", "vit"):
+        unlocking = load(f"unlocking_{model}.json")
+        assert unlocking["model"] == model and set(unlocking["single_device"]["step_s"]) == {"bp", "dfa", "dkp"}
+        costs = unlocking["cost_model"]["block_costs"]["4"]
+        assert len(costs["forward"]) == 4 and all(v > 0 for v in costs["update"]), model  # depth 2 + 2 blocks
 
     for name, model in [("memory_conv2_b64.json", "conv2"), ("memory_alexnet_small_b8.json", "alexnet_small")]:
         memory = load(name)
