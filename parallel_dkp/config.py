@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from typing import Any, Literal, Mapping, get_args, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -128,11 +128,15 @@ class ModelConfig:
     """Side of ``vit``'s square patches; the image sides must be divisible by it (7: 16 tokens on
     28x28 Fashion-MNIST; use 4 or 8 on 32x32 CIFAR)."""
     depth: int = 4
-    """Number of equal hidden blocks of ``vit`` (transformer blocks; the first also holds the patch
-    embedding) and ``convdeep`` (3x3 conv blocks; the first also holds the stem): ``depth + 1`` blocks
-    with the output block."""
+    """Number of equal hidden blocks of ``vit`` (transformer blocks) and ``convdeep`` (3x3 conv
+    blocks). The input layer (``vit``'s patch embedding, ``convdeep``'s stem) is a block of its own
+    before them and the output block follows: ``depth + 2`` blocks."""
     width: int = 32
     """Channels of every ``convdeep`` convolution (``mlp`` keeps its own ``widths``)."""
+
+
+AugmentCrop = Literal["pad", "random_resized"]
+"""Values of ``data.augment_crop`` (``parallel_dkp.data.transforms.AUGMENT_CROPS`` implements them)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,21 @@ class DataConfig:
     download: bool = False
     """Allow torchvision to download Fashion-MNIST/CIFAR when they are not on disk."""
     augment: bool = False
-    """Random crop (zero padding of 1/8 of the side) + horizontal flip on training images."""
+    """Random crop (``augment_crop``) + horizontal flip (p = 1/2) of every training image. The test
+    loader never augments."""
+    augment_crop: AugmentCrop = "pad"
+    """The random crop of ``augment`` (ignored without it): ``pad`` crops ``image_size`` out of the
+    image resized to ``image_size`` and zero-padded by 1/8 of each side (the usual small-image
+    crop); ``random_resized`` is torchvision's ``RandomResizedCrop(image_size)`` of the stored
+    image: a box of 8-100 % of its area, aspect ratio 3/4-4/3, resized to ``image_size`` (the
+    authors' AlexNet code)."""
+    test_crop_fraction: float = 1.0
+    """Test images: resize the short side to ``image_size / test_crop_fraction`` pixels (rounded
+    down, as timm's ``crop_pct``), then crop the centre ``image_size`` x ``image_size`` (the native
+    size when ``image_size`` is 0). 0.875 at 224 is torchvision's ``Resize(256)`` +
+    ``CenterCrop(224)``, the authors' AlexNet code. 1.0 = no crop: resize straight to
+    ``image_size``. A fraction, so that one value fits every input size. Training images are not
+    affected."""
     num_workers: int = 0
     image_size: int = 0
     """Resize images to this size (0 = native size). AlexNet needs 224."""
@@ -365,6 +383,18 @@ def _check_data(data: DataConfig) -> None:
     _at_least("data.test_limit", data.test_limit, 0, "0 = all test examples", 0)
     _at_least("data.num_workers", data.num_workers, 0, "0 = load in the main process", 0)
     _at_least("data.image_size", data.image_size, 0, "0 = the native size", 0)
+    _one_of("data.augment_crop", str(data.augment_crop), get_args(AugmentCrop))
+    if not (math.isfinite(data.test_crop_fraction) and 0 < data.test_crop_fraction <= 1):
+        raise ValueError(
+            f"data.test_crop_fraction = {data.test_crop_fraction} must be in (0, 1] (the share of the test image's "
+            "side kept by the centre crop; 1 = no crop); set e.g. data.test_crop_fraction=0.875 (Resize(256) + "
+            "CenterCrop(224)) or 1"
+        )
+    if data.test_crop_fraction != 1 and data.name == "synthetic" and len(data.synthetic_shape) != 3:
+        raise ValueError(
+            f"data.test_crop_fraction crops images, but data.synthetic_shape = {list(data.synthetic_shape)} is not "
+            "(C, H, W); set data.test_crop_fraction=1 or a shape like data.synthetic_shape=[1, 28, 28]"
+        )
     _at_least("data.synthetic_size", data.synthetic_size, 1, "number of synthetic training examples", 512)
     _at_least("data.synthetic_classes", data.synthetic_classes, 2, "a classifier needs two classes", 10)
     if not data.synthetic_shape or any(d < 1 for d in data.synthetic_shape):

@@ -19,7 +19,7 @@ from parallel_dkp.config import DataConfig
 from parallel_dkp.data import ChecksumWarning, DatasetInfo, build_datasets, build_loaders
 from parallel_dkp.data import cifar as cifar_module
 from parallel_dkp.data import idx as idx_module
-from parallel_dkp.data.loader import random_crop_flip
+from parallel_dkp.data.transforms import random_crop_flip
 
 # Files written here never match the canonical checksums; the checksum tests opt back in.
 pytestmark = pytest.mark.filterwarnings("ignore::parallel_dkp.data.ChecksumWarning")
@@ -209,15 +209,16 @@ def test_fashion_mnist_checksum_mismatch_only_warns(tmp_path, monkeypatch):
 
 def test_fashion_mnist_limits_and_resize(tmp_path):
     """data.train_limit/test_limit do not keep the *first* N examples, or data.image_size does not
-    resize the served examples and info.input_shape."""
+    resize what the loaders serve and info.input_shape (datasets keep the native 28x28)."""
     arrays = make_fashion_mnist(tmp_path)
     cfg = DataConfig(name="fashion_mnist", root=str(tmp_path), train_limit=5, test_limit=2, image_size=16)
     train, test, info = build_datasets(cfg)
     assert (len(train), len(test)) == (5, 2)
     assert train.y.tolist() == arrays["train-labels-idx1-ubyte"][:5].tolist()
-    assert info.input_shape == (1, 16, 16) and train[0][0].shape == (1, 16, 16)
-    train_loader, _, _ = build_loaders(dataclasses.replace(cfg, batch_size=2), seed=0)
+    assert info.input_shape == (1, 16, 16) and train[0][0].shape == (1, 28, 28)
+    train_loader, test_loader, _ = build_loaders(dataclasses.replace(cfg, batch_size=2), seed=0)
     assert next(iter(train_loader))[0].shape == (2, 1, 16, 16)
+    assert next(iter(test_loader))[0].shape == (2, 1, 16, 16)
 
 
 def test_real_debian_fashion_mnist():
@@ -369,14 +370,17 @@ def make_image_folder(root: Path, *, test_name: str = "val") -> None:
 @pytest.mark.parametrize("test_name", ["val", "test"])
 def test_image_folder_classes_from_train_and_resizing(tmp_path, test_name):
     """Image-folder classes are not taken from train/ (sorted), the val/ or test/ split does not
-    reuse them, or images of different sizes are not resized to one shape."""
+    reuse them, or the loaders do not resize images of different sizes to one shape."""
     make_image_folder(tmp_path, test_name=test_name)
-    train, test, info = build_datasets(DataConfig(name="image_folder", root=str(tmp_path)))
+    cfg = DataConfig(name="image_folder", root=str(tmp_path), batch_size=4)
+    train, test, info = build_datasets(cfg)
     assert info == DatasetInfo("image_folder", 2, (3, 10, 20))  # the first training image's size
     assert [train[i][1] for i in range(len(train))] == [0, 0, 1, 1]  # a_dog, a_dog, b_cat, b_cat
     assert [test[i][1] for i in range(len(test))] == [1, 1]  # only b_cat, still index 1
-    assert all(test[i][0].shape == (3, 10, 20) for i in range(len(test)))
-    _, _, info = build_datasets(DataConfig(name="image_folder", root=str(tmp_path), image_size=8))
+    assert {tuple(test[i][0].shape) for i in range(len(test))} == {(3, 10, 20), (3, 17, 13)}  # as stored
+    for loader in build_loaders(cfg, seed=0)[:2]:
+        assert all(x.shape[1:] == (3, 10, 20) for x, _ in loader)
+    _, _, info = build_datasets(dataclasses.replace(cfg, image_size=8))
     assert info.input_shape == (3, 8, 8)
 
 

@@ -22,6 +22,7 @@ from parallel_dkp.data.common import ChecksumWarning, DatasetInfo, TensorImageDa
 from parallel_dkp.data.idx import load_fashion_mnist
 from parallel_dkp.data.loader import BatchLoader
 from parallel_dkp.data.synthetic import load_synthetic
+from parallel_dkp.data.transforms import build_views
 
 __all__ = ["BatchLoader", "ChecksumWarning", "DatasetInfo", "TensorImageDataset", "build_datasets", "build_loaders"]
 
@@ -52,11 +53,13 @@ _LOADERS: dict[str, Callable[[DataConfig], tuple[Dataset, Dataset, DatasetInfo]]
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """The training and test datasets named by ``cfg.name``, with limits and resizing applied.
+    """The training and test datasets named by ``cfg.name``, with limits applied.
 
-    ``ds[i]`` is ``(x, y)``: ``x`` a normalised float32 tensor of ``info.input_shape``, ``y`` an
-    int in ``0 .. info.num_classes - 1``. Fashion-MNIST, CIFAR and synthetic data are held in
-    memory (:class:`TensorImageDataset`); Tiny ImageNet and image folders are read lazily.
+    ``ds[i]`` is ``(x, y)``: ``x`` a normalised float32 tensor at its stored size (the native
+    size; an image folder's images each at their own), ``y`` an int in ``0 .. info.num_classes - 1``.
+    ``info.input_shape`` is the shape the loaders of :func:`build_loaders` bring every example to
+    (``data.image_size``). Fashion-MNIST, CIFAR and synthetic data are held in memory
+    (:class:`TensorImageDataset`); Tiny ImageNet and image folders are read lazily.
 
     Raises:
         FileNotFoundError: the data is not on disk; the message lists where it looked and how
@@ -74,16 +77,20 @@ def build_loaders(cfg: DataConfig, *, seed: int) -> tuple[BatchLoader, BatchLoad
     The training loader reshuffles every epoch with a generator seeded by ``(seed, epoch)``,
     so every rank that builds it with the same seed sees the same batches in the same order,
     epoch after epoch; it drops the last incomplete batch so that every batch has
-    ``cfg.batch_size`` examples, and applies ``cfg.augment`` (random crop + horizontal flip,
-    flips included for Fashion-MNIST). The test loader keeps the dataset order, keeps the last
-    smaller batch and never augments. Neither touches the global RNG.
+    ``cfg.batch_size`` examples, and applies ``cfg.augment`` (the random crop
+    ``cfg.augment_crop`` + horizontal flip, flips included for Fashion-MNIST). The test loader
+    keeps the dataset order, keeps the last smaller batch, never augments, and resizes (with
+    ``cfg.test_crop_fraction`` < 1: resizes and centre-crops). Neither touches the global RNG; see
+    :mod:`parallel_dkp.data.transforms` for the views.
     """
     train, test, info = build_datasets(cfg)
-    if cfg.augment and len(info.input_shape) != 3:
+    is_image = len(info.input_shape) == 3
+    if cfg.augment and not is_image:
         raise ValueError(
-            f"data.augment crops and flips images, but {cfg.name} examples have shape "
-            f"{info.input_shape}; set data.augment=false"
+            f"data.augment crops and flips images, but {cfg.name} examples have shape {info.input_shape}; "
+            "set data.augment=false"
         )
+    train_view, test_view = build_views(cfg, info.input_shape[1:] if is_image else None)
     if len(train) < cfg.batch_size:
         raise ValueError(
             f"the {cfg.name} training set has {len(train)} examples (after data.train_limit = "
@@ -97,6 +104,6 @@ def build_loaders(cfg: DataConfig, *, seed: int) -> tuple[BatchLoader, BatchLoad
             "files (or folder), or get the dataset again"
         )
     common = dict(batch_size=cfg.batch_size, seed=seed, num_workers=cfg.num_workers)
-    train_loader = BatchLoader(train, shuffle=True, drop_last=True, augment=cfg.augment, **common)
-    test_loader = BatchLoader(test, shuffle=False, drop_last=False, augment=False, **common)
+    train_loader = BatchLoader(train, shuffle=True, drop_last=True, view=train_view, **common)
+    test_loader = BatchLoader(test, shuffle=False, drop_last=False, view=test_view, **common)
     return train_loader, test_loader, info

@@ -31,6 +31,7 @@ from parallel_dkp.data.common import (
     check_root_is_folder,
     download_failed_error,
     missing_data_error,
+    served_shape,
     target_size,
     to_normalized_tensor,
 )
@@ -182,7 +183,7 @@ def _download(root: Path, layout: CifarLayout) -> None:
 
 
 def _read_split(
-    folder: Path, files: tuple[str, ...], layout: CifarLayout, *, limit: int, size: tuple[int, int] | None
+    folder: Path, files: tuple[str, ...], layout: CifarLayout, *, limit: int
 ) -> TensorImageDataset:
     images, labels = [], []
     num_read = 0
@@ -202,16 +203,17 @@ def _read_split(
     data, targets = np.concatenate(images), np.concatenate(labels)
     if limit:
         data, targets = data[:limit], targets[:limit]
-    return TensorImageDataset(to_normalized_tensor(data, layout.stats), torch.from_numpy(targets), size=size)
+    return TensorImageDataset(to_normalized_tensor(data, layout.stats), torch.from_numpy(targets))
 
 
 def load_cifar(cfg: DataConfig) -> tuple[TensorImageDataset, TensorImageDataset, DatasetInfo]:
-    """CIFAR-10 or CIFAR-100 (``cfg.name``) as two in-memory datasets of ``[3, 32, 32]`` images."""
+    """CIFAR-10 or CIFAR-100 (``cfg.name``) as two in-memory datasets of ``[3, 32, 32]`` images
+    (loaders resize them to ``data.image_size``, which ``info.input_shape`` gives)."""
     layout = LAYOUTS[cfg.name]
     folder = locate(cfg, layout)
     size = target_size(cfg.image_size)
     train_limit = check_limit("train_limit", cfg.train_limit)
     test_limit = check_limit("test_limit", cfg.test_limit)
-    train = _read_split(folder, layout.train_files, layout, limit=train_limit, size=size)
-    test = _read_split(folder, layout.test_files, layout, limit=test_limit, size=size)
-    return train, test, DatasetInfo(cfg.name, layout.num_classes, train.input_shape)
+    train = _read_split(folder, layout.train_files, layout, limit=train_limit)
+    test = _read_split(folder, layout.test_files, layout, limit=test_limit)
+    return train, test, DatasetInfo(cfg.name, layout.num_classes, served_shape(train.native_shape, size))

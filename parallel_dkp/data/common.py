@@ -1,8 +1,8 @@
 """Pieces every dataset reader shares: the in-memory dataset, checksums, errors, resizing.
 
-Readers return datasets whose examples are already normalised float32 tensors of the final
-``input_shape``; the loaders in :mod:`parallel_dkp.data.loader` only batch, shuffle and
-(optionally) augment them.
+Readers return datasets whose examples are normalised float32 tensors at their stored size;
+the loaders in :mod:`parallel_dkp.data.loader` batch and shuffle them and bring them to the
+final ``input_shape`` with the views of :mod:`parallel_dkp.data.transforms` (resize, crops, flip).
 """
 
 from __future__ import annotations
@@ -61,47 +61,36 @@ class TensorImageDataset(Dataset):
     """A dataset held in memory as one normalised float tensor, plus int64 labels.
 
     Args:
-        x: ``[N, *native_shape]`` float32, already normalised.
+        x: ``[N, *native_shape]`` float32, already normalised, at the native size: loaders
+            resize and crop each batch (:mod:`parallel_dkp.data.transforms`), because e.g.
+            60 000 Fashion-MNIST images at 224x224 would need 12 GB.
         y: ``[N]`` int64 labels.
-        size: ``(H, W)`` to resize images to on the fly, or ``None`` to keep the native size.
-            Resizing happens per batch rather than once, because e.g. 60 000 Fashion-MNIST
-            images at 224x224 would need 12 GB.
 
-    ``ds[i]`` is ``(x_i, y_i)`` with ``x_i`` of ``input_shape`` and ``y_i`` an ``int``.
+    ``ds[i]`` is ``(x_i, y_i)`` with ``x_i`` of the native shape and ``y_i`` an ``int``.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, size: tuple[int, int] | None = None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{x.shape[0]} examples but {y.shape[0]} labels")
-        if size is not None and x.dim() != 4:
-            raise ValueError(f"can only resize [N, C, H, W] images, got examples of shape {tuple(x.shape[1:])}")
         self.x = x
         self.y = y
-        self.size = size
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.resize_batch(self.x[index : index + 1])[0], int(self.y[index])
+        return self.x[index], int(self.y[index])
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one example as served (after resizing)."""
-        native = tuple(self.x.shape[1:])
-        return native if self.size is None else (native[0], *self.size)
-
-    def resize_batch(self, x_B: torch.Tensor) -> torch.Tensor:
-        """Resize a batch ``[B, C, H, W]`` to ``self.size`` (a no-op without one)."""
-        if self.size is None or tuple(x_B.shape[-2:]) == self.size:
-            return x_B
-        return resize_images(x_B, self.size)
+    def native_shape(self) -> tuple[int, ...]:
+        """Shape of one stored example."""
+        return tuple(self.x.shape[1:])
 
     def head(self, limit: int) -> TensorImageDataset:
         """The first ``limit`` examples (all when ``limit`` is 0), copied so the rest is freed."""
         if limit <= 0 or limit >= len(self):
             return self
-        return TensorImageDataset(self.x[:limit].clone(), self.y[:limit].clone(), size=self.size)
+        return TensorImageDataset(self.x[:limit].clone(), self.y[:limit].clone())
 
 
 def resize_images(x_BCHW: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -128,6 +117,11 @@ def target_size(image_size: int) -> tuple[int, int] | None:
     if image_size < 0:
         raise ValueError(f"data.image_size must be >= 0 (0 = native size), got {image_size}")
     return (image_size, image_size) if image_size else None
+
+
+def served_shape(native_shape: tuple[int, ...], size: tuple[int, int] | None) -> tuple[int, ...]:
+    """Shape of the examples the loaders yield: ``(C, *size)``, or ``native_shape`` without a size."""
+    return tuple(native_shape) if size is None else (native_shape[0], *size)
 
 
 def check_limit(name: str, value: int) -> int:

@@ -30,19 +30,14 @@ from parallel_dkp.data.common import (
 TEST_SPLIT_NAMES = ("val", "test")
 
 
-def image_transform(size: tuple[int, int], stats: Normalization) -> transforms.Compose:
-    """PIL image -> normalised float32 ``[3, *size]``.
+def image_transform(stats: Normalization) -> transforms.Compose:
+    """PIL image -> normalised float32 ``[3, H, W]`` at the image's own size.
 
-    The resize is unconditional so that every image of a folder batches together even when
-    sizes differ; PIL returns a plain copy for images already at ``size``.
+    No resize: the loader's view (:mod:`parallel_dkp.data.transforms`) resizes or crops each
+    image to ``info.input_shape``, in the worker that read it, so a random crop sees the whole
+    original image, as torchvision's ``RandomResizedCrop`` on a PIL image would.
     """
-    return transforms.Compose(
-        [
-            transforms.Resize(size, antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(stats.mean, stats.std),
-        ]
-    )
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(stats.mean, stats.std)])
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -123,9 +118,10 @@ def load_image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     """A user's ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``) images.
 
     Classes are the training split's sub-folder names, sorted; the test split uses the same
-    indices and may lack some classes. Images are converted to RGB, normalised with ImageNet
-    statistics and resized to ``data.image_size`` or, when that is 0, to the first training
-    image's size, so that batches stack. ``input_shape`` is ``(3, H, W)``.
+    indices and may lack some classes. Images are converted to RGB and normalised with ImageNet
+    statistics; ``ds[i]`` is at the image's own size, and the loaders resize every image to
+    ``data.image_size`` or, when that is 0, to the first training image's size, so that batches
+    stack. ``input_shape`` is ``(3, H, W)``.
     """
     if not cfg.root:
         raise ValueError(
@@ -170,7 +166,7 @@ def load_image_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
         )
 
     size = target_size(cfg.image_size) or _first_image_size(train)
-    train.transform = test.transform = image_transform(size, IMAGENET_STATS)
+    train.transform = test.transform = image_transform(IMAGENET_STATS)
     info = DatasetInfo("image_folder", len(train.classes), (3, *size))
     train_limit = check_limit("train_limit", cfg.train_limit)
     test_limit = check_limit("test_limit", cfg.test_limit)

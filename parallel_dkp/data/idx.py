@@ -25,6 +25,7 @@ from parallel_dkp.data.common import (
     check_root_is_folder,
     download_failed_error,
     missing_data_error,
+    served_shape,
     target_size,
     to_normalized_tensor,
 )
@@ -182,7 +183,8 @@ def read_split(folder: Path, split: str, *, limit: int) -> tuple[np.ndarray, np.
 
 
 def load_fashion_mnist(cfg: DataConfig) -> tuple[TensorImageDataset, TensorImageDataset, DatasetInfo]:
-    """Fashion-MNIST as two in-memory datasets of ``[1, 28, 28]`` (or resized) images."""
+    """Fashion-MNIST as two in-memory datasets of ``[1, 28, 28]`` images (loaders resize them to
+    ``data.image_size``, which ``info.input_shape`` gives)."""
     folder = locate(cfg)
     size = target_size(cfg.image_size)
     limits = {"train": check_limit("train_limit", cfg.train_limit), "test": check_limit("test_limit", cfg.test_limit)}
@@ -191,6 +193,6 @@ def load_fashion_mnist(cfg: DataConfig) -> tuple[TensorImageDataset, TensorImage
         images, labels = read_split(folder, split, limit=limits[split])
         x = to_normalized_tensor(images[:, None], FASHION_MNIST_STATS)
         y = torch.from_numpy(labels.astype(np.int64))
-        datasets.append(TensorImageDataset(x, y, size=size))
+        datasets.append(TensorImageDataset(x, y))
     train, test = datasets
-    return train, test, DatasetInfo("fashion_mnist", NUM_CLASSES, train.input_shape)
+    return train, test, DatasetInfo("fashion_mnist", NUM_CLASSES, served_shape(train.native_shape, size))

@@ -3,7 +3,9 @@
 Every rank of a pipeline builds its own loader, and the ranks must agree on the batches
 without talking: the rank with the input and the rank with the labels each read the same
 batch. So all randomness (order, augmentation) comes from private generators seeded by
-``(seed, epoch)``, never from the global RNG, and equal seeds give equal batches.
+``(seed, epoch)``, never from the global RNG, and equal seeds give equal batches. Augmentation
+numbers are drawn in the main process in batch order (:meth:`View.draw`) even when worker
+processes apply them, so batches do not depend on ``num_workers``.
 
 In-memory datasets are served by index slicing one big tensor, which is far faster than a
 ``DataLoader`` collating single examples; lazy (on-disk) datasets go through a ``DataLoader``
@@ -20,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from parallel_dkp.data.common import TensorImageDataset
+from parallel_dkp.data.transforms import Params, Resize, View
 
 # Separate random streams per epoch, so the order does not change when augmentation is
 # switched on.
@@ -75,31 +78,43 @@ class EpochBatchSampler:
             yield list(range(index.start, index.stop)) if isinstance(index, slice) else index.tolist()
 
 
-def random_crop_flip(x_BCHW: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after zero-padding by 1/8 of each side, then a horizontal flip with p = 1/2.
+class _ViewBatchSampler:
+    """Batches of ``(index, params)`` keys for :class:`_ViewedDataset`: the indices of
+    :class:`EpochBatchSampler`, each with its example's random numbers for ``view``.
 
-    Zero is the mean colour of normalised images, so the padding adds no artificial dark
-    border. Returns a new ``[B, C, H, W]`` tensor; ``x_BCHW`` is not modified.
+    Iterated by the ``DataLoader`` in the main process, in batch order, so the numbers drawn do
+    not depend on the number of workers or on which worker reads which batch.
     """
-    num, _, height, width = x_BCHW.shape
-    pad_h, pad_w = height // 8, width // 8
-    # Offset of each crop relative to the unpadded image, in [-pad, pad].
-    shift_y = torch.randint(-pad_h, pad_h + 1, (num,), generator=generator).tolist()
-    shift_x = torch.randint(-pad_w, pad_w + 1, (num,), generator=generator).tolist()
-    flip = (torch.rand(num, generator=generator) < 0.5).tolist()
-    out = torch.zeros_like(x_BCHW)
-    # One slice copy per example, without materialising the padded batch: at 224x224 this is
-    # several times faster than one fancy-indexing gather over the whole batch.
-    for b in range(num):
-        dy, dx = shift_y[b], shift_x[b]
-        src_r0, src_r1 = max(0, dy), min(height, height + dy)
-        src_c0, src_c1 = max(0, dx), min(width, width + dx)
-        dst_c0, dst_c1 = src_c0 - dx, src_c1 - dx
-        window = x_BCHW[b, :, src_r0:src_r1, src_c0:src_c1]
-        if flip[b]:
-            window, dst_c0, dst_c1 = window.flip(-1), width - dst_c1, width - dst_c0
-        out[b, :, src_r0 - dy : src_r1 - dy, dst_c0:dst_c1] = window
-    return out
+
+    def __init__(self, sampler: EpochBatchSampler, view: View):
+        self.sampler = sampler
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, Params]]]:
+        sampler = self.sampler
+        generator = epoch_generator(sampler.seed, sampler.epoch, _AUGMENT_STREAM) if self.view.random else None
+        for index in sampler:
+            yield list(zip(index, self.view.draw(len(index), generator), strict=True))
+
+
+class _ViewedDataset(Dataset):
+    """``ds[(i, params)]`` is ``(view.apply(x_i, params), y_i)``: the view is applied where the
+    image is read (in a worker process when there are workers)."""
+
+    def __init__(self, dataset: Dataset, view: View):
+        self.dataset = dataset
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, Params]) -> tuple[torch.Tensor, int]:
+        index, params = key
+        x, y = self.dataset[index]
+        return self.view.apply(x, params), y
 
 
 class BatchLoader:
@@ -112,7 +127,9 @@ class BatchLoader:
         shuffle: Reshuffle every epoch with a generator seeded by ``(seed, epoch)``.
         drop_last: Drop the last, smaller batch (fixed shapes for point-to-point buffers).
         seed: Seed of the order and the augmentation; equal seeds give equal batches.
-        augment: Random crop + horizontal flip (:func:`random_crop_flip`) of ``[B, C, H, W]``.
+        view: How each stored example becomes a model input (resize, crop, flip; see
+            :mod:`parallel_dkp.data.transforms`); random views draw from a generator seeded by
+            ``(seed, epoch)``. Default: examples as stored.
         num_workers: ``DataLoader`` worker processes for lazy datasets; in-memory ones ignore it.
 
     The first ``iter()`` is epoch 0, the next epoch 1, and so on; :meth:`set_epoch` chooses the
@@ -127,14 +144,14 @@ class BatchLoader:
         shuffle: bool,
         drop_last: bool,
         seed: int,
-        augment: bool = False,
+        view: View | None = None,
         num_workers: int = 0,
     ):
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.dataset = dataset
         self.batch_size = batch_size
-        self.augment = augment
+        self.view = view if view is not None else Resize(None)
         self.seed = seed
         self.sampler = EpochBatchSampler(
             len(dataset), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed
@@ -143,8 +160,8 @@ class BatchLoader:
         self._dataloader = None
         if not isinstance(dataset, TensorImageDataset):
             self._dataloader = DataLoader(
-                dataset,
-                batch_sampler=self.sampler,
+                _ViewedDataset(dataset, self.view),
+                batch_sampler=_ViewBatchSampler(self.sampler, self.view),
                 num_workers=num_workers,
                 # Without a generator, every epoch draws the workers' base seed from the
                 # global RNG, which would make model initialisation depend on data loading.
@@ -161,17 +178,15 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self._next_epoch
         self._next_epoch += 1
-        batches = self._tensor_batches(epoch) if self._dataloader is None else self._loader_batches(epoch)
-        generator = epoch_generator(self.seed, epoch, _AUGMENT_STREAM) if self.augment else None
-        for x, y in batches:
-            if generator is not None:
-                x = random_crop_flip(x, generator=generator)
-            yield x, y
+        yield from self._tensor_batches(epoch) if self._dataloader is None else self._loader_batches(epoch)
 
     def _tensor_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset: TensorImageDataset = self.dataset
+        generator = epoch_generator(self.seed, epoch, _AUGMENT_STREAM) if self.view.random else None
         for index in self.sampler.index_batches(epoch):
-            yield dataset.resize_batch(dataset.x[index]), dataset.y[index]
+            x = dataset.x[index]
+            params = self.view.draw(len(x), generator) if generator is not None else None
+            yield self.view.apply_batch(x, params), dataset.y[index]
 
     def _loader_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)

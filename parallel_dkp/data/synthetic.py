@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from parallel_dkp.config import DataConfig
-from parallel_dkp.data.common import DatasetInfo, TensorImageDataset, check_limit, target_size
+from parallel_dkp.data.common import DatasetInfo, TensorImageDataset, check_limit, served_shape, target_size
 
 SEED = 20240229
 NOISE_STD = 1.0
@@ -56,6 +56,6 @@ def load_synthetic(cfg: DataConfig) -> tuple[TensorImageDataset, TensorImageData
         shape=shape,
         num_classes=cfg.synthetic_classes,
     )
-    train = TensorImageDataset(x_train, y_train, size=size).head(check_limit("train_limit", cfg.train_limit))
-    test = TensorImageDataset(x_test, y_test, size=size).head(check_limit("test_limit", cfg.test_limit))
-    return train, test, DatasetInfo("synthetic", cfg.synthetic_classes, train.input_shape)
+    train = TensorImageDataset(x_train, y_train).head(check_limit("train_limit", cfg.train_limit))
+    test = TensorImageDataset(x_test, y_test).head(check_limit("test_limit", cfg.test_limit))
+    return train, test, DatasetInfo("synthetic", cfg.synthetic_classes, served_shape(shape, size))

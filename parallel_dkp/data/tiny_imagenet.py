@@ -112,7 +112,8 @@ def val_samples(folder: Path, wnids: list[str]) -> list[tuple[str, int]]:
 
 
 def load_tiny_imagenet(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """Tiny ImageNet as two lazy datasets of ``[3, 64, 64]`` (or resized) images.
+    """Tiny ImageNet as two lazy datasets of ``[3, 64, 64]`` images (loaders resize or crop them
+    to ``data.image_size``, which ``info.input_shape`` gives).
 
     Class index = line in ``wnids.txt``. Limits take the first N images in class-interleaved
     order, so that a small limit still covers every class.
@@ -120,7 +121,7 @@ def load_tiny_imagenet(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     folder = locate(cfg)
     wnids = read_wnids(folder)
     size = target_size(cfg.image_size) or NATIVE_SIZE
-    transform = image_transform(size, IMAGENET_STATS)
+    transform = image_transform(IMAGENET_STATS)
     train = ImageListDataset(train_samples(folder, wnids), transform=transform)
     test = ImageListDataset(val_samples(folder, wnids), transform=transform)
     if len(train) == 0:
