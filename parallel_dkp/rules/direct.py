@@ -74,11 +74,11 @@ class DirectRule(LearningRule):
             output.backward(grad)
             if self.learns_feedback:
                 with torch.no_grad():
-                    grad_B = signal_BK.T @ output.detach().flatten(1)
+                    outputs_BD = output.detach().flatten(1)
                     if feedback_KD.grad is None:
-                        feedback_KD.grad = grad_B
-                    else:
-                        feedback_KD.grad += grad_B
+                        feedback_KD.grad = signal_BK.T @ outputs_BD
+                    else:  # accumulate in place: no K x D temporary per micro-batch
+                        feedback_KD.grad.addmm_(signal_BK.T, outputs_BD)
 
 
 class DFA(DirectRule):
