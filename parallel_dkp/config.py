@@ -309,7 +309,8 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         hint = difflib.get_close_matches(value, allowed, n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}{did_you_mean}")
+        raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}{did_you_mean}; set one of them, "
+                         f"e.g. {key}={hint[0] if hint else allowed[0]}")
 
 
 # Every check below runs in ``load_config``, before any process group, dataset or network

@@ -98,6 +98,13 @@ CASES = {
     "alexnet-native-cifar": (["data.name=cifar10", "model.name=alexnet"], "data.image_size=224", "32x32"),
     "augment-vector": ([SYNTH, MLP, "data.synthetic_shape=[64]", "data.augment=true"], "data.augment", "[64]"),
     "resize-vector": ([SYNTH, MLP, "data.synthetic_shape=[64]", "data.image_size=8"], "data.image_size", "[64]"),
+    "crop-typo": (["data.augment=true", "data.augment_crop=random_resize"], "data.augment_crop", "random_resize"),
+    "crop-not-a-name": (["data.augment_crop=3"], "data.augment_crop", "3"),
+    "test-crop>1": (["data.test_crop_fraction=1.5"], "data.test_crop_fraction", "1.5"),
+    "test-crop=0": (["data.test_crop_fraction=0"], "data.test_crop_fraction", "0"),
+    "test-crop-nan": (["data.test_crop_fraction=nan"], "data.test_crop_fraction", "nan"),
+    "test-crop-vector": ([SYNTH, MLP, "data.synthetic_shape=[64]", "data.test_crop_fraction=0.875"],
+                         "data.test_crop_fraction", "[64]"),
     # run.out_dir = "" wrote config.toml, metrics and checkpoints into the working directory
     "out_dir-empty": (["run.out_dir="], "run.out_dir", "''"),
     "out_dir-blank": (["run.out_dir='  '"], "run.out_dir", "'  '"),

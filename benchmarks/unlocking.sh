@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The unlocking benchmark of docs/performance.md: dkp/dfa through our layer-parallel runtime
+# against bp on one device and through torch.distributed.pipelining (GPipe, 1F1B), on 1 and 2
+# gloo ranks with one thread each, M = 4 and 8; then the cost model's predictions to 64 ranks.
+#
+#   bash benchmarks/unlocking.sh [OUT_DIR]     # default docs/performance; ~15 min on 2 idle cores
+#
+# Needs an otherwise idle machine (check `uptime`): the ranks share its cores. Step times do not
+# depend on pixel values, so every network runs on synthetic 1x28x28 data (Fashion-MNIST's shape).
+set -euo pipefail
+out=${1:-docs/performance}
+mkdir -p "$out"
+data=(--set data.name=synthetic --set "data.synthetic_shape=[1, 28, 28]" --set data.synthetic_size=1024
+      --set run.progress=false)
+common=(--ranks 1,2 --microbatches 4,8 --steps 20 --warmup 3 --rounds 2)
+for model in conv2 convdeep vit; do
+  python -m parallel_dkp bench --config configs/default.toml "${data[@]}" --set "model.name=$model" \
+    "${common[@]}" --out "$out/unlocking_$model.json"
+done
+OMP_NUM_THREADS=1 python benchmarks/cost_model_tables.py --bench "$out/unlocking_convdeep.json" --out "$out"
