@@ -73,6 +73,11 @@ class RunConfig:
     profile: bool = False
     """Time every phase of every step (forward, update, wait, send, optimizer) per rank, with
     CUDA events on GPUs, and write ``phases.json``. Off by default: it costs a little."""
+    channels_last: bool = False
+    """Keep 4-D weights and activations in channels-last (NHWC) memory order: the layout the conv
+    kernels of oneDNN (CPU) and cuDNN prefer. Measured on the 2-core CPU, one thread, batch 128:
+    a bp step of conv2 22 % faster, convdeep 8 %. Results equal the default layout's up to float
+    rounding. Activations cross ranks in the default layout."""
     checkpoint_every: int = 0
     """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
     writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""

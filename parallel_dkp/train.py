@@ -73,7 +73,8 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     train_loader, test_loader, info = build_loaders(cfg.data, seed=cfg.run.seed)
     blocks = build_blocks(cfg.model, input_shape=info.input_shape, num_classes=info.num_classes, seed=cfg.run.seed)
     out_shapes = block_output_shapes(blocks, info.input_shape)
-    blocks = blocks.to(ctx.device)
+    layout = torch.channels_last if cfg.run.channels_last else torch.preserve_format  # 4-D weights only
+    blocks = blocks.to(ctx.device, memory_format=layout)
     microbatch = cfg.data.batch_size // cfg.parallel.microbatches
     partition = choose_partition(
         cfg.parallel.partition, ctx, blocks=blocks, input_shape=info.input_shape, microbatch=microbatch
@@ -90,7 +91,7 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     schedule = build_schedule(
         stage, transport, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
         microbatches=cfg.parallel.microbatches, batch_size=cfg.data.batch_size,
-        pipeline_schedule=cfg.parallel.schedule,
+        pipeline_schedule=cfg.parallel.schedule, channels_last=cfg.run.channels_last,
         timer=make_timer(ctx.device, cfg.run.profile if profile is None else profile),
     )
     optimizers = Optimizers(forward=stage.forward_parameters(), feedback=stage.feedback_parameters(), cfg=cfg.optim)

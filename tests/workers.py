@@ -37,10 +37,10 @@ def run_steps(cfg: Config, ctx: DistContext, steps: int) -> dict:
 
 
 def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], partition, microbatches: int, steps: int,
-                schedule: str = "gpipe"):
+                schedule: str = "gpipe", extra=()):
     for rule in rules:
         cfg = small_config(rule, partition=partition, microbatches=microbatches,
-                           extra=[f"parallel.schedule={schedule}"])
+                           extra=[f"parallel.schedule={schedule}", *extra])
         ctx = init_distributed(cfg.parallel, cfg.run)
         torch.save(run_steps(cfg, ctx, steps), Path(out_dir) / f"{rule}-rank{rank}.pt")
     dist.destroy_process_group()

@@ -96,7 +96,8 @@ def measure_block_phases(
     def stage(rule_name: str) -> Stage:
         blocks = build_blocks(cfg.model, input_shape=input_shape, num_classes=num_classes, seed=cfg.run.seed)
         shapes = block_output_shapes(blocks, input_shape)
-        return Stage(list(blocks.to(device)), indices=range(len(blocks)), num_blocks=len(blocks),
+        layout = torch.channels_last if cfg.run.channels_last else torch.preserve_format
+        return Stage(list(blocks.to(device, memory_format=layout)), indices=range(len(blocks)), num_blocks=len(blocks),
                      rule=build_rule(replace(cfg.rule, name=rule_name)), out_shapes=shapes,
                      num_classes=num_classes, seed=cfg.run.seed).train()
 
@@ -105,6 +106,8 @@ def measure_block_phases(
     optims = {name: [Optimizers(forward=forward_parameters(b), feedback=feedback_parameters(b), cfg=cfg.optim)
                      for b in s.blocks] for name, s in (("bp", bp), ("direct", dk))}
     x, y = x.to(device), y.to(device)
+    if cfg.run.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     samples: dict[str, list[list[float]]] = {k: [[] for _ in range(num)] for k in
                                              ("forward", "backward", "update", "optim_bp", "optim_direct")}
 

@@ -47,9 +47,10 @@ class Schedule:
 
     def __init__(
         self, stage: Stage, transport: Transport, *, num_classes: int, microbatches: int, batch_size: int,
-        timer: NoTimer | None = None,
+        timer: NoTimer | None = None, channels_last: bool = False,
     ) -> None:
         self.stage, self.rule, self.transport = stage, stage.rule, transport
+        self.channels_last = channels_last
         self.num_classes = num_classes
         self.microbatches = microbatches
         self.batch_size = batch_size
@@ -73,7 +74,10 @@ class Schedule:
         pageable memory synchronises with the stream, one from pinned memory does not."""
         if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
             tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        tensor = tensor.to(self.device, non_blocking=True)
+        if self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepMetrics:
@@ -155,11 +159,25 @@ class PipelinedSerialSchedule(Schedule):
             # move the BN running statistics; newer versions infer it from the first micro-batch
             # (and treat a given output_args as a fully static stage, which breaks the loss stage).
             shapes["output_args"] = (torch.zeros(microbatch, *self._out_shape, device=self.device),)
-        stage = PipelineStage(self.stage, self._ctx.rank, self._ctx.world_size, self.device, **shapes)
+        stage = PipelineStage(_DefaultLayout(self.stage), self._ctx.rank, self._ctx.world_size, self.device,
+                              **shapes)
         cls = _pipelining_schedule_class(self._name)
         kwargs = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
         self._pipeline = cls(stage, self.microbatches, loss_fn=loss_fn, **kwargs)
         return self._pipeline
+
+
+class _DefaultLayout(torch.nn.Module):
+    """The stage, with its output in the default (contiguous) layout: torch.distributed.pipelining
+    checks a received tensor's strides against a fresh tensor's, so channels-last activations
+    (``run.channels_last``) cross ranks in the default layout, as in our own transport."""
+
+    def __init__(self, stage: Stage) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x).contiguous()
 
 
 def _pipelining_schedule_class(name: str):
@@ -266,10 +284,11 @@ _UNLOCKED: dict[str, type[Schedule]] = {"error": DirectSchedule, "targets": Targ
 def build_schedule(
     stage: Stage, transport: Transport, ctx: DistContext, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     num_classes: int, microbatches: int, batch_size: int, pipeline_schedule: str = "gpipe",
-    timer: NoTimer | None = None,
+    timer: NoTimer | None = None, channels_last: bool = False,
 ) -> Schedule:
     """The step strategy for ``stage.rule`` on this process (see the module docstring)."""
-    common = dict(num_classes=num_classes, microbatches=microbatches, batch_size=batch_size, timer=timer)
+    common = dict(num_classes=num_classes, microbatches=microbatches, batch_size=batch_size, timer=timer,
+                  channels_last=channels_last)
     signal = stage.rule.signal
     if signal in _UNLOCKED:
         return _UNLOCKED[signal](stage, transport, **common)

@@ -69,16 +69,70 @@ class DirectRule(LearningRule):
         accumulates ``∇B_j = signal^T a_j``."""
         for block, output in hidden:
             feedback_KD = block.feedback.weight
+            stored = _storage_order(output)
             with torch.no_grad():
-                grad = (signal_BK @ feedback_KD).view_as(output)
+                # B's columns follow the logical (C, H, W) order of a_j; with channels-last
+                # activations both products run in storage order, so that neither the K x D
+                # signal nor a_j is copied into another layout (only B, K x D, is permuted).
+                feedback_KS = stored.columns(feedback_KD)
+                grad = stored.unflatten(signal_BK @ feedback_KS)
             output.backward(grad)
             if self.learns_feedback:
                 with torch.no_grad():
-                    outputs_BD = output.detach().flatten(1)
-                    if feedback_KD.grad is None:
-                        feedback_KD.grad = signal_BK.T @ outputs_BD
-                    else:  # accumulate in place: no K x D temporary per micro-batch
-                        feedback_KD.grad.addmm_(signal_BK.T, outputs_BD)
+                    outputs_BS = stored.flatten(output.detach())
+                    if feedback_KD.grad is not None and stored.logical:
+                        feedback_KD.grad.addmm_(signal_BK.T, outputs_BS)  # in place, no K x D temporary
+                    else:
+                        grad_KD = stored.to_logical(signal_BK.T @ outputs_BS).contiguous()
+                        feedback_KD.grad = grad_KD if feedback_KD.grad is None else feedback_KD.grad.add_(grad_KD)
+
+
+class _Logical:
+    """A tensor stored in its logical order: flattening is a view."""
+
+    logical = True
+
+    def __init__(self, output: torch.Tensor) -> None:
+        self.shape = output.shape
+
+    def columns(self, matrix_KD: torch.Tensor) -> torch.Tensor:
+        return matrix_KD
+
+    def flatten(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.flatten(1)
+
+    def unflatten(self, flat_BD: torch.Tensor) -> torch.Tensor:
+        return flat_BD.view(self.shape)
+
+    def to_logical(self, matrix_KD: torch.Tensor) -> torch.Tensor:
+        return matrix_KD
+
+
+class _ChannelsLast(_Logical):
+    """A ``[B, C, H, W]`` tensor stored as ``[B, H, W, C]``: columns are taken in (H, W, C) order."""
+
+    logical = False
+
+    def columns(self, matrix_KD: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = self.shape
+        return matrix_KD.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(len(matrix_KD), -1)
+
+    def flatten(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.permute(0, 2, 3, 1).reshape(len(tensor), -1)  # a view: the storage order
+
+    def unflatten(self, flat_BS: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = self.shape
+        return flat_BS.view(b, h, w, c).permute(0, 3, 1, 2)  # channels-last, no copy
+
+    def to_logical(self, matrix_KS: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = self.shape
+        return matrix_KS.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(len(matrix_KS), -1)
+
+
+def _storage_order(output: torch.Tensor) -> _Logical:
+    if output.dim() == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
+        return _ChannelsLast(output)
+    return _Logical(output)
 
 
 class DFA(DirectRule):

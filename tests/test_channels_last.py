@@ -1,0 +1,65 @@
+"""``run.channels_last``: the same training in another memory layout, and the direct rules'
+products taken in storage order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multirank import spawn
+from test_parallel import _merge
+from workers import run_steps, small_config, train_rules
+
+from parallel_dkp.parallel.distributed import DistContext
+from parallel_dkp.rules.direct import _ChannelsLast, _storage_order
+from parallel_dkp.train import build_job
+
+RULES = ["bp", "bp_fc_only", "fa", "kp", "dfa", "dkp", "drtp"]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_channels_last_trains_like_the_default_layout(rule):
+    """Pinpoints a layout that changes the math: three steps with channels-last weights and
+    activations end where the default layout does, up to float rounding, for every rule."""
+    want = run_steps(small_config(rule), DistContext(), 3)
+    got = run_steps(small_config(rule, extra=["run.channels_last=true"]), DistContext(), 3)
+    for key, value in want["state"].items():
+        torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    assert got["eval"][1:] == want["eval"][1:]
+
+
+def test_channels_last_reaches_the_direct_update():
+    """Pinpoints the option not taking effect: the conv blocks' outputs that the direct rules
+    project their signal onto are stored channels-last."""
+    job = build_job(small_config("dkp", extra=["run.channels_last=true"]), DistContext())
+    x, _ = next(iter(job.train_loader))
+    _, hidden = job.stage.rule.forward(job.stage.blocks, job.schedule._to_device(x))
+    kinds = [type(_storage_order(out)) for _, out in hidden]
+    assert kinds[:2] == [_ChannelsLast, _ChannelsLast], kinds
+
+
+def test_storage_order_products_equal_the_logical_ones():
+    """Pinpoints a permutation error in ``e·B_j`` or ``eᵀa_j`` on channels-last activations: both
+    must equal the products on the same tensors in the default layout."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 5, 6)
+    e, b = torch.randn(3, 7), torch.randn(7, 4 * 5 * 6)
+    stored = _storage_order(a.contiguous(memory_format=torch.channels_last))
+    assert isinstance(stored, _ChannelsLast)
+    grad = stored.unflatten(e @ stored.columns(b))
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad, (e @ b).view_as(a))
+    flat = stored.flatten(a.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(stored.to_logical(e.T @ flat), e.T @ a.flatten(1))
+
+
+@pytest.mark.multirank
+def test_channels_last_across_two_ranks_matches_one_process(tmp_path):
+    """Pinpoints activations that cross ranks in the wrong layout (the pipeline engine and our
+    transport send the default layout): two ranks equal one process, both channels-last."""
+    rules, extra = ["bp", "dkp"], ["run.channels_last=true"]
+    spawn(train_rules, 2, str(tmp_path), rules, (2, 2), 2, 3, "1f1b", extra, timeout=300)
+    for rule in rules:
+        want = run_steps(small_config(rule, extra=extra), DistContext(), 3)
+        got, _, _ = _merge(tmp_path, rule, 2)
+        for key, value in want["state"].items():
+            torch.testing.assert_close(got[key], value, msg=lambda m: f"{rule} / {key}: {m}")
