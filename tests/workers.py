@@ -122,7 +122,8 @@ BALANCED_MODELS = {
     "vit": ["model.name=vit", "model.dim=8", "model.heads=2", "model.patch=2", "model.depth=2"],
     "convdeep": ["model.name=convdeep", "model.width=4", "model.depth=2"],
 }
-"""Tiny ``vit`` and ``convdeep`` (4 blocks each: input block, 2 equal blocks, head) on small_config's 1x8x8 synthetic images."""
+"""Tiny ``vit`` and ``convdeep`` (4 blocks each: input block, 2 equal blocks, head) on small_config's
+1x8x8 synthetic images."""
 
 
 def balanced_config(model: str, rule: str, *, partition=(), microbatches=2) -> Config:
