@@ -7,7 +7,7 @@ import pytest
 import torch
 from multirank import spawn
 from test_parallel import _merge
-from workers import run_steps, small_config, train_rules
+from workers import BALANCED_MODELS, run_steps, small_config, train_rules
 
 from parallel_dkp.parallel.distributed import DistContext
 from parallel_dkp.rules.direct import _ChannelsLast, _storage_order
@@ -54,9 +54,10 @@ def test_storage_order_products_equal_the_logical_ones():
 
 @pytest.mark.multirank
 def test_channels_last_across_two_ranks_matches_one_process(tmp_path):
-    """Pinpoints activations that cross ranks in the wrong layout (the pipeline engine and our
-    transport send the default layout): two ranks equal one process, both channels-last."""
-    rules, extra = ["bp", "dkp"], ["run.channels_last=true"]
+    """Pinpoints activations or input gradients that cross ranks in the wrong layout (gloo sends
+    contiguous tensors only; the pipeline engine sizes its buffers from inferred strides): two
+    ranks equal one process, both channels-last, with a conv on each side of the boundary."""
+    rules, extra = ["bp", "dkp"], ["run.channels_last=true", *BALANCED_MODELS["convdeep"]]
     spawn(train_rules, 2, str(tmp_path), rules, (2, 2), 2, 3, "1f1b", extra, timeout=300)
     for rule in rules:
         want = run_steps(small_config(rule, extra=extra), DistContext(), 3)

@@ -168,16 +168,30 @@ class PipelinedSerialSchedule(Schedule):
 
 
 class _DefaultLayout(torch.nn.Module):
-    """The stage, with its output in the default (contiguous) layout: torch.distributed.pipelining
-    checks a received tensor's strides against a fresh tensor's, so channels-last activations
-    (``run.channels_last``) cross ranks in the default layout, as in our own transport."""
+    """The stage, with what it sends in the default (contiguous) layout: its output, and the
+    gradient of its input (a channels-last conv returns a channels-last input gradient). gloo and
+    NCCL send contiguous tensors only, and torch.distributed.pipelining sizes its receive buffers
+    from the strides of what it inferred, so channels-last tensors (``run.channels_last``) cross
+    ranks in the default layout, as in our own transport."""
 
     def __init__(self, stage: Stage) -> None:
         super().__init__()
         self.stage = stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage(x).contiguous()
+        return self.stage(_ContiguousGrad.apply(x)).contiguous()
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward returns the gradient in the default layout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def _pipelining_schedule_class(name: str):
