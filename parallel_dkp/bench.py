@@ -316,7 +316,8 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool) -> None:
         lines = (proc.stdout + proc.stderr).strip().splitlines()
         # the ranks' own one-line errors first: torchrun's report after them says little
         ours = [line for line in lines if line.startswith(("error:", "config error:", "peer failure:"))]
-        tail = "\n".join(ours or lines[-25:])
+        ranks = [line for line in lines if line.startswith("[rank")]  # torchrun's prefix on a rank's traceback
+        tail = "\n".join(ours or ranks[-15:] or lines[-25:])
         raise RuntimeError(f"the {spec.role} world ({spec.ranks} rank(s)) failed with exit code "
                            f"{proc.returncode}:\n{tail}")
 
