@@ -105,12 +105,14 @@ def measure_world(config_for: ConfigFor, variants: list[Variant], ctx: DistConte
                   steps: int, warmup: int, block_costs: bool = False, link: bool = False) -> dict:
     """Median step time of each variant at each M on this world, interleaved step by step."""
     out: dict = {"ranks": ctx.world_size, "threads_per_rank": torch.get_num_threads(), "by_microbatches": {}}
+    partition: tuple[str, ...] = ()  # measured for the first M, then kept: one partition for all
     for m in microbatches:
         def variant_config(v: Variant, extra: Sequence[str] = (), m: int = m) -> Config:
-            return config_for([*v.overrides, f"parallel.microbatches={m}", *extra])
+            return config_for([*v.overrides, f"parallel.microbatches={m}", *partition, *extra])
 
-        out["by_microbatches"][str(m)] = _measure(variant_config, variants, ctx, steps=steps, warmup=warmup,
-                                                  block_costs=block_costs)
+        result = _measure(variant_config, variants, ctx, steps=steps, warmup=warmup, block_costs=block_costs)
+        out["by_microbatches"][str(m)] = result
+        partition = (f"parallel.partition={[b - a for a, b in result['partition']]}",)
     if link and ctx.distributed:
         out["link"] = measure_link(ctx)
     out["peak_rss_mb_per_rank"] = ctx.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -76,12 +76,14 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     layout = torch.channels_last if cfg.run.channels_last else torch.preserve_format  # 4-D weights only
     blocks = blocks.to(ctx.device, memory_format=layout)
     microbatch = cfg.data.batch_size // cfg.parallel.microbatches
+    rule = build_rule(cfg.rule)
     partition = choose_partition(
-        cfg.parallel.partition, ctx, blocks=blocks, input_shape=info.input_shape, microbatch=microbatch
+        cfg.parallel.partition, ctx, blocks=blocks, input_shape=info.input_shape, microbatch=microbatch,
+        input_grads=not rule.backward_unlocked,  # direct rules cut every block's input
     )
     own = partition[ctx.rank]
     stage = Stage(
-        [blocks[i] for i in own], indices=own, num_blocks=len(blocks), rule=build_rule(cfg.rule),
+        [blocks[i] for i in own], indices=own, num_blocks=len(blocks), rule=rule,
         out_shapes=out_shapes, num_classes=info.num_classes, seed=cfg.run.seed,
     )
     del blocks  # other ranks' blocks

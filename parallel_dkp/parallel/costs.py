@@ -22,22 +22,25 @@ from parallel_dkp.rules.base import feedback_parameters, forward_parameters
 
 
 def measure_block_costs(
-    blocks: nn.ModuleList, *, input_shape: tuple[int, ...], batch: int, repeats: int = 3
+    blocks: nn.ModuleList, *, input_shape: tuple[int, ...], batch: int, repeats: int = 3, input_grads: bool = True,
 ) -> list[float]:
     """Median seconds of forward + backward of each block on its own, on a random batch.
 
-    Each block runs on the device it is on (its inputs follow it there). Block parameters are
-    left untouched (gradients are cleared afterwards; BN running statistics are restored).
+    ``input_grads``: whether the backward computes the gradient of the block's input, as backprop
+    does for every block but the first; the direct rules train every block on a cut input, so
+    their blocks never do. Each block runs on the device it is on (its inputs follow it there).
+    Block parameters are left untouched (gradients are cleared afterwards; BN running statistics
+    are restored).
     """
     costs = []
     x = torch.randn(batch, *input_shape)
-    for block in blocks:
+    for index, block in enumerate(blocks):
         device = module_device(block)
         x = x.to(device)
         state = {k: v.clone() for k, v in block.state_dict().items()}
         samples = []
         for _ in range(repeats + 1):
-            inp = x.detach().requires_grad_(True)
+            inp = x.detach().requires_grad_(input_grads and index > 0)
             _synchronize(device)
             start = time.perf_counter()
             out = block(inp)
@@ -63,15 +66,17 @@ def choose_partition(
     blocks: nn.ModuleList,
     input_shape: tuple[int, ...],
     microbatch: int,
+    input_grads: bool = True,
 ) -> list[range]:
-    """Explicit block counts per rank, or a balance of measured costs agreed on by all ranks."""
+    """Explicit block counts per rank, or a balance of measured costs agreed on by all ranks
+    (``input_grads``: see :func:`measure_block_costs`)."""
     num_blocks = len(blocks)
     if counts:
         return explicit_partition(counts, num_blocks=num_blocks, world_size=ctx.world_size)
     check_world_size(num_blocks=num_blocks, world_size=ctx.world_size)
     if not ctx.distributed:
         return [range(num_blocks)]
-    costs = measure_block_costs(blocks, input_shape=input_shape, batch=microbatch)
+    costs = measure_block_costs(blocks, input_shape=input_shape, batch=microbatch, input_grads=input_grads)
     # Timings differ between ranks; every rank must cut at the same places, so rank 0 decides.
     return balanced_partition(ctx.broadcast_object(costs, src=0), world_size=ctx.world_size)
 
