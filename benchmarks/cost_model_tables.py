@@ -24,11 +24,11 @@ from parallel_dkp.config import load_config
 from parallel_dkp.parallel import costmodel
 from parallel_dkp.parallel.costs import measure_block_phases
 
-NETWORKS = {  # name: (overrides, input shape, classes)
-    "conv2": (["model.name=conv2"], (1, 28, 28), 10),
-    "alexnet": (["model.name=alexnet", "data.image_size=224"], (3, 224, 224), 200),
+NETWORKS = {  # name: (overrides, input shape, classes); conv nets in channels-last, as benchmarks/unlocking.sh
+    "conv2": (["model.name=conv2", "run.channels_last=true"], (1, 28, 28), 10),
+    "alexnet": (["model.name=alexnet", "data.image_size=224", "run.channels_last=true"], (3, 224, 224), 200),
     "vit": (["model.name=vit"], (1, 28, 28), 10),
-    "convdeep": (["model.name=convdeep"], (1, 28, 28), 10),
+    "convdeep": (["model.name=convdeep", "run.channels_last=true"], (1, 28, 28), 10),
 }
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--microbatches", default="8,64", help="M values to tabulate (default 8,64)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="docs/performance")
+    parser.add_argument("--costs", help="a block_costs.json this script wrote: reuse its measurements")
     args = parser.parse_args()
     link = costmodel.Link()
     if args.bench:
@@ -107,8 +108,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     microbatches = [int(m) for m in args.microbatches.split(",")]
     sections, costs_json = [], {}
+    saved = json.loads(Path(args.costs).read_text()) if args.costs else None
+    if saved:
+        args.microbatch = saved["microbatch"]
     for name in args.networks.split(","):
-        costs = measure(name, args.microbatch, args.repeats)
+        if saved:
+            costs = costmodel.BlockCosts.from_dict(saved["networks"][name])
+        else:
+            costs = measure(name, args.microbatch, args.repeats)
         costs_json[name] = costs.as_dict()
         text, curves = table(name, costs, link, microbatches)
         sections.append(text)

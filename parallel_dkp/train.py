@@ -89,7 +89,7 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     del blocks  # other ranks' blocks
     in_shape = info.input_shape if own.start == 0 else out_shapes[own.start - 1]
     transport = Transport(ctx, is_first=stage.is_first, is_last=stage.is_last, in_shape=in_shape,
-                          timeout_s=cfg.parallel.timeout_s)
+                          timeout_s=cfg.parallel.timeout_s, channels_last=cfg.run.channels_last)
     schedule = build_schedule(
         stage, transport, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
         microbatches=cfg.parallel.microbatches, batch_size=cfg.data.batch_size,

@@ -363,9 +363,11 @@ def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, lin
 def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),
             partition: Sequence[range] | None = None) -> float:
     """Predicted step seconds of ``method`` on ``ranks`` stages. Without an explicit
-    ``partition`` the stages are balanced like the runtime does (by forward + backward cost)."""
+    ``partition`` the stages are balanced on what the method pays per block, as the runtime
+    does: forward + local update for the direct rules, forward + backward for backprop."""
     if partition is None:
-        weights = [f + b for f, b in zip(costs.forward, costs.backward)]
+        second = costs.backward if method in ("gpipe", "1f1b") else costs.update
+        weights = [f + b for f, b in zip(costs.forward, second)]
         partition = balanced_partition(weights, world_size=ranks)
     return simulate(stage_costs(costs, partition, method), microbatches=microbatches, method=method, link=link,
                     error_bytes=costs.error_bytes)

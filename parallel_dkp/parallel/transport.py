@@ -29,18 +29,22 @@ class Transport:
     """Neighbours, receive buffers and the error group of one stage."""
 
     def __init__(
-        self, ctx: DistContext, *, is_first: bool, is_last: bool, in_shape: tuple[int, ...], timeout_s: float
+        self, ctx: DistContext, *, is_first: bool, is_last: bool, in_shape: tuple[int, ...], timeout_s: float,
+        channels_last: bool = False,
     ) -> None:
         self.ctx = ctx
         self.device = ctx.device
         self.in_shape = in_shape
+        # With run.channels_last every 4-D activation crosses in NHWC storage order (every rank
+        # agrees, they share the config): nothing is re-laid out on either side of a boundary.
+        self.channels_last = channels_last
         self.prev_rank = None if is_first else ctx.rank - 1
         self.next_rank = None if is_last else ctx.rank + 1
         self.error_group = None
         if ctx.distributed:
             # Collective: every rank builds its transport at the same point of its program.
             self.error_group = ctx.new_group(timeout_s)
-        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (wire, as used)
         self._sends: list[Handle] = []
 
     # ---------------------------------------------------------------- activations
@@ -52,15 +56,21 @@ class Transport:
         whose previous contents (saved for a backward) were released at the last step's end.
         """
         key = (batch, slot)
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = torch.empty(batch, *self.in_shape, device=self.device)
-        dist.recv(buffer, self.prev_rank)
-        return buffer
+        if key not in self._buffers:
+            if self._nhwc(len(self.in_shape) + 1):
+                c, h, w = self.in_shape
+                wire = torch.empty(batch, h, w, c, device=self.device)
+                self._buffers[key] = (wire, wire.permute(0, 3, 1, 2))  # [B, C, H, W], channels-last
+            else:
+                wire = torch.empty(batch, *self.in_shape, device=self.device)
+                self._buffers[key] = (wire, wire)
+        wire, tensor = self._buffers[key]
+        dist.recv(wire, self.prev_rank)
+        return tensor
 
     def send_activation(self, tensor: torch.Tensor) -> None:
         """Start sending ``tensor`` to the next stage; ``wait_sends`` completes it."""
-        self._sends.append(dist.isend(tensor.detach().contiguous(), self.next_rank))
+        self._sends.append(dist.isend(self._wire(tensor.detach()), self.next_rank))
 
     def wait_sends(self) -> None:
         for work in self._sends:
@@ -68,7 +78,17 @@ class Transport:
         self._sends.clear()
 
     def send_blocking(self, tensor: torch.Tensor) -> None:
-        dist.send(tensor.contiguous(), self.next_rank)
+        dist.send(self._wire(tensor), self.next_rank)
+
+    def _nhwc(self, dim: int) -> bool:
+        return self.channels_last and dim == 4
+
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The contiguous tensor that goes on the wire: NHWC storage for 4-D channels-last runs
+        (a view, no copy, when ``tensor`` is channels-last already)."""
+        if self._nhwc(tensor.dim()):
+            return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return tensor.contiguous()
 
     # ---------------------------------------------------------------- backwards (analysis only)
 
