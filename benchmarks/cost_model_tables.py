@@ -45,12 +45,12 @@ def measure(name: str, microbatch: int, repeats: int) -> costmodel.BlockCosts:
 
 def table(name: str, costs: costmodel.BlockCosts, link: costmodel.Link, microbatches: list[int]) -> tuple[str, dict]:
     deep = name in ("vit", "convdeep")
+    net = costs.repeated(max(RANKS)) if deep else costs
     rows, curves = [], {}
     for m in microbatches:
-        base = {method: costmodel.predict(costs.repeated(64) if deep else costs, ranks=1, microbatches=m,
-                                          method=method, link=link) for method in ("direct", "1f1b")}
+        base = {method: costmodel.predict(net, ranks=1, microbatches=m, method=method, link=link)
+                for method in ("direct", "1f1b")}
         for n in RANKS:
-            net = costs.repeated(max(64, n)) if deep else costs
             if n > net.num_blocks:
                 continue
             t = {method: costmodel.predict(net, ranks=n, microbatches=m, method=method, link=link)
@@ -59,8 +59,7 @@ def table(name: str, costs: costmodel.BlockCosts, link: costmodel.Link, microbat
             curves.setdefault(m, []).append((n, speed, base["1f1b"] / t["1f1b"]))
             rows.append(f"| {n} | {m} | {t['direct'] * 1e3:.1f} | {t['1f1b'] * 1e3:.1f} | {t['gpipe'] * 1e3:.1f} | "
                         f"{speed:.2f} | {base['1f1b'] / t['1f1b']:.2f} | {t['direct'] / t['1f1b']:.3f} |")
-    blocks = 64 if deep else costs.num_blocks
-    head = (f"### {name} ({blocks} blocks{', the middle block repeated' if deep else ''})\n\n"
+    head = (f"### {name} ({net.num_blocks} blocks{', the middle block repeated' if deep else ''})\n\n"
             "| N | M | dkp step (ms) | bp 1F1B (ms) | bp GPipe (ms) | dkp speed-up | 1F1B speed-up | dkp / 1F1B |\n"
             "|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows) + "\n", curves

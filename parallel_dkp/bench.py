@@ -189,6 +189,11 @@ def measure_link(ctx: DistContext, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 <
             "sizes_bytes": list(sizes), "one_way_s": times}
 
 
+def _cpu_count() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _sync(ctx: DistContext) -> None:
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
@@ -197,7 +202,7 @@ def _sync(ctx: DistContext) -> None:
 def machine(ctx: DistContext) -> dict:
     return {
         "node": platform.node(), "processor": platform.processor() or platform.machine(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus": _cpu_count(),
         "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(), "device": str(ctx.device),
         "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "backend": ctx.backend,
@@ -282,7 +287,7 @@ def run_unlocking(args, config: Config, console: Console) -> dict:
     ranks = sorted(set([1, *parse_list(args.ranks, "--ranks")]))
     micro = parse_list(args.microbatches, "--microbatches")
     _check_ranks(config, ranks)
-    all_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    all_cores = _cpu_count()
     worlds = unlocking_worlds(ranks, micro, threads=args.threads_per_rank, all_cores=all_cores)
     merged: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="parallel-dkp-bench-") as tmp:

@@ -248,6 +248,12 @@ class _Program:
     def wait(self, keys: list[tuple]) -> None:
         self.ops.append(_Op("wait", keys=tuple(keys)))
 
+    def exchange(self, sends: list[tuple], recvs: list[tuple]) -> None:
+        """Sends and receives fired as one batch and waited for together (torch's fused P2P)."""
+        self.send(sends)
+        self.recv(recvs)
+        self.wait(sends)
+
 
 def _direct(p: _Program, M: int, *, targets: bool) -> None:
     """:class:`DirectSchedule` (``targets``: :class:`TargetsSchedule`)."""
@@ -301,17 +307,13 @@ def _one_f_one_b(p: _Program, M: int) -> None:
         p.send(in_flight)
         f += 1
     while True:
-        p.send(held)
-        p.recv(p.grad_in(b))
-        p.wait(held)
+        p.exchange(held, p.grad_in(b))
         p.compute(p.cost.backward)
         held = p.grad_out(b)
         b += 1
         if f == M:
             break
-        p.send(held)
-        p.recv(p.act_in(f))
-        p.wait(held)
+        p.exchange(held, p.act_in(f))
         p.compute(p.cost.forward)
         held = p.act_out(f)
         f += 1
@@ -355,9 +357,9 @@ def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, lin
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if microbatches < 1:
         raise ValueError(f"microbatches = {microbatches} must be >= 1")
-    replay = _Replay([], link)
-    replay.programs = _programs(list(stages), microbatches, method, replay.sizes, error_bytes)
-    return max(replay.run())
+    sizes: dict = {}
+    programs = _programs(list(stages), microbatches, method, sizes, error_bytes)
+    return max(_Replay(programs, link, sizes).run())
 
 
 def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),

@@ -98,9 +98,11 @@ def measure_block_phases(
     input_shape = tuple(x.shape[1:])
     direct = cfg.rule.name if RULES[cfg.rule.name].signal != "chain" else "dkp"
 
+    shapes = block_output_shapes(
+        build_blocks(cfg.model, input_shape=input_shape, num_classes=num_classes, seed=cfg.run.seed), input_shape)
+
     def stage(rule_name: str) -> Stage:
         blocks = build_blocks(cfg.model, input_shape=input_shape, num_classes=num_classes, seed=cfg.run.seed)
-        shapes = block_output_shapes(blocks, input_shape)
         layout = torch.channels_last if cfg.run.channels_last else torch.preserve_format
         return Stage(list(blocks.to(device, memory_format=layout)), indices=range(len(blocks)), num_blocks=len(blocks),
                      rule=build_rule(replace(cfg.rule, name=rule_name)), out_shapes=shapes,
@@ -148,15 +150,17 @@ def measure_block_phases(
         for block in dk.blocks:
             inp = block(inp)
             hidden.append((block, inp))
-        error = timed("update", num - 1,
-                      lambda: (lambda e: (inp.backward(e), e)[1])(output_error(inp, y, total)))
+        def output_update(logits=inp):  # what the last stage does: the error, then its backward
+            error = output_error(logits, y, total)
+            logits.backward(error)
+            return error
+
+        error = timed("update", num - 1, output_update)
         for i, (block, out) in enumerate(hidden[:-1]):
             timed("update", i, lambda: dk.rule.local_update([(block, out)], error))  # noqa: B023
         for i, opt in enumerate(optims["direct"]):
             timed("optim_direct", i, opt.step)
     median = {k: [statistics.median(s[1:]) for s in v] for k, v in samples.items()}
-    shapes = block_output_shapes(build_blocks(cfg.model, input_shape=input_shape, num_classes=num_classes,
-                                              seed=cfg.run.seed), input_shape)
     item = x.element_size()
     return BlockCosts(**median, out_bytes=[len(x) * math.prod(s) * item for s in shapes],
                       error_bytes=len(x) * num_classes * item)
