@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# One node, one rank per GPU (NCCL), through torchrun; never more ranks than the model has blocks.
+# One node, one rank per GPU (NCCL), through torchrun. The ranks form stages x replicas: as many
+# pipeline stages as the model's blocks allow, the rest data-parallel replicas (unless
+# --set parallel.stages=... / parallel.replicas=... say otherwise); a layout that cannot work is
+# refused by `python -m parallel_dkp plan --world-size N` before any rank starts.
 set -euo pipefail
 
 usage() {
@@ -10,17 +13,27 @@ Runs `python -m parallel_dkp train` under torchrun on this node, one rank per GP
 (NCCL is picked automatically on CUDA). All arguments go to `train`;
 `python -m parallel_dkp train --help` lists them.
 
-Every rank owns at least one block of the model, so a run takes at most as many
-ranks as the model has blocks (conv2: 4, mlp: len(model.widths) + 1, alexnet and
-alexnet_small: 8; exactly len(parallel.partition) when that is set).
-`python -m parallel_dkp plan [train options]` prints the block list and that number;
-this script asks it before starting anything.
+The ranks form a grid of stages x replicas: every pipeline stage owns at least
+one block of the model (conv2: 4 blocks, mlp: len(model.widths) + 1, alexnet and
+alexnet_small: 8, vit and convdeep: model.depth + 2), and the ranks beyond the
+stages become data-parallel replicas of the pipeline, each training on its own
+shard of every batch. By default the stages are the largest divisor of the rank
+count that is at most the block count (exactly len(parallel.partition) when that
+is set); --set parallel.stages=S or --set parallel.replicas=R choose instead (they
+go to train unchanged). Replicas of a stage are neighbouring ranks
+(rank = stage * replicas + replica), so each stage's gradient all-reduce stays
+among neighbouring GPUs. data.batch_size must be divisible by
+replicas x parallel.microbatches.
+
+Before starting anything the script asks
+`python -m parallel_dkp plan --world-size N [train options]` for the layout; when
+N ranks cannot run the config it exits with code 2 and the reason. Otherwise it
+prints one line such as "launch/torchrun.sh: 8 ranks = 4 stages x 2 replicas"
+on stderr and starts torchrun.
 
 Environment:
   NPROC          number of ranks (default: the number of GPUs torch can see,
-                 which honours CUDA_VISIBLE_DEVICES, capped at the model's
-                 blocks; the GPUs beyond that stay idle). An NPROC above the
-                 model's blocks stops the script before torchrun starts.
+                 which honours CUDA_VISIBLE_DEVICES)
   RDZV_ENDPOINT  HOST:PORT of the rendezvous (default: torchrun --standalone,
                  a free port on localhost)
   PYTHON         interpreter that has parallel_dkp installed (default: python)
@@ -29,6 +42,7 @@ Environment:
 
 Example:
   launch/torchrun.sh --config configs/<experiment>.toml --set rule.name=dkp
+  launch/torchrun.sh --config configs/cifar100_alexnet.toml --set parallel.stages=4
   NPROC=4 launch/torchrun.sh --set data.name=cifar10 --set parallel.microbatches=8
 
 No GPU? launch/cpu_sim.sh runs the same job as CPU ranks with gloo.
@@ -43,23 +57,9 @@ fi
 PYTHON="${PYTHON:-python}"
 me="launch/torchrun.sh"
 
-# The most ranks these train arguments can use (reads the config, loads no data). A config
-# error is reported here, with plan's exit code, before any rank starts.
-max_ranks="$("$PYTHON" -m parallel_dkp plan --max-ranks "$@")" || exit $?
-if ! [[ "$max_ranks" =~ ^[1-9][0-9]*$ ]]; then
-    echo "$me: 'python -m parallel_dkp plan --max-ranks' answered '$max_ranks', not a rank count" >&2
-    exit 2
-fi
-
 if [[ -n "${NPROC:-}" ]]; then
     if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
         echo "$me: NPROC must be a positive number of ranks, got '$NPROC'" >&2
-        exit 2
-    fi
-    if (( NPROC > max_ranks )); then
-        echo "$me: NPROC=$NPROC, but this model takes at most $max_ranks ranks (every rank owns" \
-             "at least one block; 'python -m parallel_dkp plan' with the same arguments lists them):" \
-             "set NPROC=$max_ranks or fewer, or unset NPROC to start min(visible GPUs, $max_ranks) ranks" >&2
         exit 2
     fi
 else
@@ -69,14 +69,24 @@ else
              "or use launch/cpu_sim.sh for the CPU simulation" >&2
         exit 2
     fi
-    if (( gpus > max_ranks )); then
-        echo "$me: $gpus GPUs visible, but this model takes at most $max_ranks ranks (every rank owns at least" \
-             "one block): starting $max_ranks ranks; the other GPUs stay idle" >&2
-        NPROC="$max_ranks"
-    else
-        NPROC="$gpus"
-    fi
+    NPROC="$gpus"
 fi
+
+# The stages x replicas layout of NPROC ranks, as train will resolve it (reads the config, loads
+# no data). A layout that cannot work, or a config error, stops here with plan's message.
+if ! layout="$("$PYTHON" -m parallel_dkp plan --world-size "$NPROC" "$@")"; then
+    echo "$me: not started ($NPROC ranks: NPROC, default the GPUs torch sees; see the error above)" >&2
+    exit 2
+fi
+read -r stages replicas _ <<<"$layout"
+if ! [[ "$stages" =~ ^[1-9][0-9]*$ && "$replicas" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$me: 'python -m parallel_dkp plan --world-size $NPROC' answered '$layout', not 'STAGES REPLICAS'" >&2
+    exit 2
+fi
+s_stage=s; s_replica=s
+(( stages == 1 )) && s_stage=""
+(( replicas == 1 )) && s_replica=""
+echo "$me: $NPROC ranks = $stages stage$s_stage x $replicas replica$s_replica" >&2
 
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
     rdzv=(--nnodes 1 --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT")

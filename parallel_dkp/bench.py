@@ -15,6 +15,9 @@ Two modes, one measurement core (:func:`measure_world`):
     phases for the cost model), one rank using all the cores (dkp: so that nobody mistakes a
     thread-starved baseline for a speed-up), and each N > 1 ranks: dkp and dfa through our
     runtime, bp through torch.distributed.pipelining GPipe and 1F1B, all on one partition;
+  - with ``--replicas 2``: each N as N stages x 2 data-parallel replicas (dkp and bp), every
+    replica on a batch of the configured size (weak scaling: the global batch grows with the
+    replicas), where the machine has a core for every rank's threads;
 
   then the ratios, the cost model's predictions and its error against every measured
   configuration. Under torchrun (GPUs) it measures one rank (rank 0 alone) and the whole world.
@@ -250,35 +253,47 @@ def write_json(result: dict, path: str | Path) -> None:
 class WorldSpec:
     """One measured world of the unlocking benchmark."""
 
-    role: str  # "single_device", "per_rank" or "pipeline"
+    role: str  # "single_device", "per_rank", "pipeline" or "mesh"
     ranks: int
+    """Pipeline stages (ranks per replica)."""
     threads: int
     variants: tuple[str, ...]
     microbatches: tuple[int, ...]
+    replicas: int = 1
 
     @property
     def key(self) -> str:
+        if self.role == "mesh":
+            return f"mesh:{self.ranks}stages-{self.replicas}replicas-{self.threads}threads"
         return f"{self.role}:{self.ranks}x{self.threads}"
 
+    @property
+    def processes(self) -> int:
+        return self.ranks * self.replicas
 
-def unlocking_worlds(ranks: list[int], microbatches: list[int], *, threads: int, all_cores: int) -> list[WorldSpec]:
+
+def unlocking_worlds(ranks: list[int], microbatches: list[int], *, threads: int, all_cores: int,
+                     replicas: Sequence[int] = (1,)) -> list[WorldSpec]:
     worlds = [
         WorldSpec("single_device", 1, all_cores, ("bp", "dfa", "dkp"), tuple(dict.fromkeys([1, *microbatches]))),
         WorldSpec("per_rank", 1, threads, ("dkp", "dfa", "bp"), tuple(microbatches)),
     ]
     worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", "bp@gpipe", "bp@1f1b"), tuple(microbatches))
                for n in ranks if n > 1]
+    worlds += [WorldSpec("mesh", n, threads, ("dkp", "bp@1f1b" if n > 1 else "bp"), tuple(microbatches), r)
+               for r in replicas if r > 1 for n in ranks]
     return worlds
 
 
 def _check_ranks(cfg: Config, ranks: list[int]) -> None:
-    """Before anything is launched: every world size fits the model."""
-    from parallel_dkp.plan import make_plan
+    """Before anything is launched: every rank count fits the model as pipeline stages."""
+    from parallel_dkp.models.blocks import num_blocks
 
-    plan = make_plan(cfg)
-    if max(ranks) > plan.max_ranks:
-        raise ValueError(f"--ranks {','.join(map(str, ranks))}: {cfg.model.name} has {plan.num_blocks} blocks, so at "
-                         f"most {plan.max_ranks} ranks can run it; drop the larger counts or pick a deeper model")
+    blocks = num_blocks(cfg.model)
+    if max(ranks) > blocks:
+        raise ValueError(f"--ranks {','.join(map(str, ranks))}: {cfg.model.name} has {blocks} blocks, so at most "
+                         f"{blocks} pipeline stages can run it; drop the larger counts (and add --replicas for "
+                         "data-parallel copies) or pick a deeper model")
 
 
 def run_unlocking(args, config: Config, console: Console) -> dict:
@@ -286,35 +301,48 @@ def run_unlocking(args, config: Config, console: Console) -> dict:
     turn, and merge: the samples of a world are pooled over rounds before taking medians."""
     ranks = sorted(set([1, *parse_list(args.ranks, "--ranks")]))
     micro = parse_list(args.microbatches, "--microbatches")
+    replicas = parse_list(getattr(args, "replicas", "1") or "1", "--replicas")
     _check_ranks(config, ranks)
     all_cores = _cpu_count()
-    worlds = unlocking_worlds(ranks, micro, threads=args.threads_per_rank, all_cores=all_cores)
+    worlds = unlocking_worlds(ranks, micro, threads=args.threads_per_rank, all_cores=all_cores, replicas=replicas)
+    skipped = {s.key: f"needs {s.processes * s.threads} cores, this machine has {all_cores}"
+               for s in worlds if s.role == "mesh" and s.processes * s.threads > all_cores}
+    for key, why in skipped.items():
+        console.print(f"[yellow]skipping the {key} world:[/] it {why} (timings would measure oversubscription)")
+    worlds = [s for s in worlds if s.key not in skipped]
     merged: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="parallel-dkp-bench-") as tmp:
         for round_ in range(args.rounds):
             for spec in worlds:
-                console.print(f"[dim]round {round_ + 1}/{args.rounds}: {spec.role}, {spec.ranks} rank(s) x "
-                              f"{spec.threads} thread(s), M in {list(spec.microbatches)} ...[/]")
-                out = Path(tmp) / f"{spec.role}-{spec.ranks}-{round_}.json"
-                _launch(spec, args, out, cost=spec.role == "per_rank" and round_ == 0)
+                console.print(f"[dim]round {round_ + 1}/{args.rounds}: {spec.role}, {spec.ranks} stage(s) x "
+                              f"{spec.replicas} replica(s) x {spec.threads} thread(s), M in "
+                              f"{list(spec.microbatches)} ...[/]")
+                out = Path(tmp) / f"{spec.key.replace(':', '-').replace('/', '-')}-{round_}.json"
+                _launch(spec, args, out, cost=spec.role == "per_rank" and round_ == 0,
+                        batch_size=config.data.batch_size)
                 _merge(merged, spec.key, json.loads(out.read_text()))
     result = assemble(merged, worlds, ranks=ranks, microbatches=micro)
+    result["skipped_worlds"] = skipped
     result["machine"] = {**merged[worlds[1].key]["machine"], "threads_per_rank": args.threads_per_rank}
     result["command"] = " ".join(sys.argv)
     result["rounds"] = args.rounds
     return result
 
 
-def _launch(spec: WorldSpec, args, out: Path, *, cost: bool) -> None:
+def _launch(spec: WorldSpec, args, out: Path, *, cost: bool, batch_size: int) -> None:
+    mesh = []
+    if spec.role == "mesh":  # every replica on a full batch: the global batch grows with them
+        mesh = [f"parallel.stages={spec.ranks}", f"parallel.replicas={spec.replicas}",
+                f"data.batch_size={batch_size * spec.replicas}"]
     cmd = ["-m", "parallel_dkp", "bench", *(["--config", args.config] if args.config else []),
-           *[a for s in args.overrides for a in ("--set", s)], "--set", "run.device=cpu",
+           *[a for s in [*args.overrides, *mesh] for a in ("--set", s)], "--set", "run.device=cpu",
            "--rules", ",".join(spec.variants), "--microbatches", ",".join(map(str, spec.microbatches)),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out), "--quiet"]
     if cost:
         cmd.append("--block-costs")
-    if spec.ranks > 1:
-        cmd = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(spec.ranks),
-               *cmd]
+    if spec.processes > 1:
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
+               str(spec.processes), *cmd]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env.update(OMP_NUM_THREADS=str(spec.threads), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -325,7 +353,7 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool) -> None:
         ours = [line for line in lines if line.startswith(("error:", "config error:", "peer failure:"))]
         ranks = [line for line in lines if line.startswith("[rank")]  # torchrun's prefix on a rank's traceback
         tail = "\n".join(ours or ranks[-15:] or lines[-25:])
-        raise RuntimeError(f"the {spec.role} world ({spec.ranks} rank(s)) failed with exit code "
+        raise RuntimeError(f"the {spec.key} world ({spec.processes} rank(s)) failed with exit code "
                            f"{proc.returncode}:\n{tail}")
 
 
@@ -343,7 +371,8 @@ def _merge(merged: dict, key: str, world: dict) -> None:
 
 def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microbatches: list[int]) -> dict:
     """Ratios, the cost model's validation and predictions, from the measured worlds."""
-    by_role = {(s.role, s.ranks): merged[s.key] for s in worlds}
+    by_role = {(s.role, s.ranks): merged[s.key] for s in worlds if s.role != "mesh"}
+    meshes = {(s.ranks, s.replicas): merged[s.key] for s in worlds if s.role == "mesh"}
     single, per_rank = by_role["single_device", 1], by_role["per_rank", 1]
 
     def median(world: dict, m: int, name: str) -> float:
@@ -377,15 +406,37 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
         "ratios": headline.get(str(microbatches[0]), {}),
         "ratios_by_microbatches": {m: r for m, r in headline.items()},
         "ratios_by_ranks": ratios_by_ranks,
+        "mesh": _mesh_results(meshes, per_rank, microbatches),
         "worlds": {s.key: {**merged[s.key], "role": s.role} for s in worlds},
     }
-    result["cost_model"] = validate_cost_model(result, by_role, ranks=ranks, microbatches=microbatches)
+    result["cost_model"] = validate_cost_model(result, by_role, ranks=ranks, microbatches=microbatches, meshes=meshes)
     return result
 
 
-def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microbatches: list[int]) -> dict:
-    """Predict every measured per-rank-thread configuration from the block costs and the link;
-    the relative errors, and the predictions for N = 1 ... 64 (as far as the blocks go)."""
+def _mesh_results(meshes: dict, per_rank: dict, microbatches: list[int]) -> dict:
+    """Per stages x replicas world and M: step times, examples per second, and the throughput
+    against one rank (same threads, same per-replica batch): ``R · T(1 rank) / T(mesh)``."""
+    out = {}
+    for (stages, replicas), world in meshes.items():
+        rows = {}
+        for m in microbatches:
+            res = world["by_microbatches"][str(m)]
+            row = {"batch_size": res["batch_size"]}
+            for name, r in res["rules"].items():
+                rule = Variant.parse(name).rule
+                one = per_rank["by_microbatches"][str(m)]["rules"][rule]["median_s"]
+                row[name] = {"step_s": r["median_s"], "examples_per_s": res["batch_size"] / r["median_s"],
+                             "throughput_over_one_rank": replicas * one / r["median_s"]}
+            rows[str(m)] = row
+        out[f"{stages}x{replicas}"] = {"stages": stages, "replicas": replicas, "by_microbatches": rows}
+    return out
+
+
+def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microbatches: list[int],
+                        meshes: dict | None = None) -> dict:
+    """Predict every measured per-rank-thread configuration (stages x replicas ones included)
+    from the block costs and the link; the relative errors, and the predictions for N = 1 ... 64
+    (as far as the blocks go)."""
     per_rank = by_role["per_rank", 1]
     link_world = next((by_role["pipeline", n] for n in ranks if n > 1), None)
     link = costmodel.Link(**{k: link_world["link"][k] for k in ("latency_s", "bandwidth_Bps")}) \
@@ -395,17 +446,19 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
     for m in microbatches:
         costs = costmodel.BlockCosts.from_dict(per_rank["by_microbatches"][str(m)]["block_costs"])
         costs_by_m[m] = costs
-        for n in ranks:
-            world = per_rank if n == 1 else by_role["pipeline", n]
+        worlds = [(n, 1, per_rank if n == 1 else by_role["pipeline", n]) for n in ranks]
+        worlds += [(n, r, world) for (n, r), world in (meshes or {}).items()]
+        for n, replicas, world in worlds:
             res = world["by_microbatches"][str(m)]
             partition = [range(a, b) for a, b in res["partition"]]
             for name, row in res["rules"].items():
                 variant = Variant.parse(name)
                 method = variant.method(default_schedule="gpipe")
                 predicted = costmodel.simulate(costmodel.stage_costs(costs, partition, method), microbatches=m,
-                                               method=method, link=link, error_bytes=costs.error_bytes)
-                rows.append({"ranks": n, "microbatches": m, "variant": name, "measured_s": row["median_s"],
-                             "predicted_s": predicted,
+                                               method=method, link=link, error_bytes=costs.error_bytes,
+                                               replicas=replicas)
+                rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
+                             "measured_s": row["median_s"], "predicted_s": predicted,
                              "relative_error": abs(predicted - row["median_s"]) / row["median_s"]})
     num_blocks = next(iter(costs_by_m.values())).num_blocks
     predictions = {}
@@ -445,6 +498,13 @@ def print_unlocking(result: dict, console: Console) -> None:
         for key in result["ratios_by_ranks"][columns[0][0]][columns[0][1]]:
             table.add_row(key, *(f"{result['ratios_by_ranks'][n][m][key]:.3f}" for n, m in columns))
         console.print(table)
+    for key, mesh in result.get("mesh", {}).items():
+        for m, row in mesh["by_microbatches"].items():
+            console.print(f"{key} (stages x replicas), M={m}, batch {row['batch_size']}: " + ", ".join(
+                f"{name} {r['step_s'] * 1e3:.1f} ms ({r['throughput_over_one_rank']:.2f}x one rank's throughput)"
+                for name, r in row.items() if name != "batch_size"))
+    for key, why in result.get("skipped_worlds", {}).items():
+        console.print(f"skipped {key}: {why}")
     cm = result["cost_model"]
     console.print(f"cost model: link {cm['link']['latency_s'] * 1e6:.0f} µs + "
                   f"{cm['link']['bandwidth_Bps'] / 1e9:.2f} GB/s; largest relative error against the "

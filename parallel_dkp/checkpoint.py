@@ -4,8 +4,13 @@ Layout under ``run.out_dir``::
 
     checkpoints/
       step-00000120/
-        shard-00.pt  shard-01.pt ...   one per rank: its blocks, optimizers, RNG states
-        manifest.json                  written last, by the last rank, after every shard is on disk
+        shard-00.pt  shard-01.pt ...   one per pipeline stage: its blocks, optimizers, RNG states
+        manifest.json                  written last, by the reporting rank, after every shard is on disk
+
+With several data-parallel replicas (``parallel.replicas``) the replicas of a stage hold the
+same parameters, buffers and optimizer state (their gradients and BN statistics are averaged
+every step), so replica 0 writes the stage's shard, carrying every replica's RNG
+state.
 
 A checkpoint directory without ``manifest.json`` is incomplete and ignored. Every file is
 written atomically (temporary file, ``fsync``, ``rename``), so a crash at any moment leaves
@@ -68,27 +73,37 @@ class Position:
 
 def save(out_dir: Path, *, cfg: Config, ctx: DistContext, stage: Stage, optimizers: Optimizers,
          partition: list[range], position: Position, keep: int) -> Path:
-    """Write this rank's shard; the last rank then writes the manifest and prunes old ones.
+    """Write this stage's shard (replica 0 of each stage); the reporting rank then writes the
+    manifest and prunes old ones.
 
     Collective: every rank calls it at the same step.
     """
     directory = Path(out_dir) / "checkpoints" / f"step-{position.global_step:08d}"
     directory.mkdir(parents=True, exist_ok=True)
-    shard = {
-        "blocks": [stage.indices.start, stage.indices.stop],
-        "model": {k: v.detach().cpu() for k, v in stage.global_state_dict().items()},
-        "optimizers": optimizers_state(stage, optimizers),
-        "rng": _rng_state(),
-    }
-    _atomic_save(shard, directory / _shard_name(ctx.rank))
+    rng = _rng_state()
+    rngs = [rng]
+    if ctx.replica_group is not None:  # every replica's stream, so that dropout resumes exactly
+        rngs = [None] * ctx.replicas
+        torch.distributed.all_gather_object(rngs, rng, group=ctx.replica_group)
+    if ctx.replica == 0:
+        shard = {
+            "blocks": [stage.indices.start, stage.indices.stop],
+            "model": {k: v.detach().cpu() for k, v in stage.global_state_dict().items()},
+            "optimizers": optimizers_state(stage, optimizers),
+            "rng": rng,
+            "rng_replicas": rngs,
+        }
+        _atomic_save(shard, directory / _shard_name(ctx.stage))
     ctx.barrier()  # every shard is on disk before the manifest says the checkpoint exists
-    if ctx.is_last:
+    if ctx.reports:
         manifest = {
             "global_step": position.global_step,
             "position": asdict(position),
             "world_size": ctx.world_size,
+            "stages": ctx.stages,
+            "replicas": ctx.replicas,
             "partition": [[r.start, r.stop] for r in partition],
-            "shards": [_shard_name(rank) for rank in range(ctx.world_size)],
+            "shards": [_shard_name(stage) for stage in range(ctx.stages)],
             "config": to_dict(cfg),
             "torch": str(torch.__version__),
         }
@@ -161,9 +176,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def load(directory: Path, *, stage: Stage, optimizers: Optimizers | None, device: torch.device,
-         restore_rng: bool = True) -> Position:
+         restore_rng: bool = True, replica: int = 0, replicas: int = 1) -> Position:
     """Load the parts of checkpoint ``directory`` that this stage owns, from whichever shards hold
-    them; returns the saved position. RNG states are restored only when the layout is unchanged."""
+    them; returns the saved position. RNG states are restored only when the layout is unchanged
+    (the same stages, and the same number of ``replicas``: replica ``replica`` takes its own)."""
     manifest = read_manifest(directory)
     own = set(stage.indices)
     model: dict[str, torch.Tensor] = {}
@@ -177,8 +193,9 @@ def load(directory: Path, *, stage: Stage, optimizers: Optimizers | None, device
             shard = torch.load(path, map_location="cpu", weights_only=False)
             model.update(shard["model"])
             optim_states.append(shard["optimizers"])
-            if (start, stop) == (stage.indices.start, stage.indices.stop):
-                rng = shard["rng"]
+            streams = shard.get("rng_replicas", [shard["rng"]])
+            if (start, stop) == (stage.indices.start, stage.indices.stop) and len(streams) == replicas:
+                rng = streams[replica]
         except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError) as err:
             # truncated or garbage file (torch's zip reader raises RuntimeError), missing file, another format
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--ranks", help="the unlocking benchmark over these world sizes, e.g. 1,2 (1 is always added)")
     bench.add_argument("--microbatches", help="comma-separated micro-batch counts M (default: parallel.microbatches; "
                                               "4 with --ranks); the first gives the headline ratios")
+    bench.add_argument("--replicas", default="1",
+                       help="with --ranks, also measure each rank count as stages of these many data-parallel "
+                            "replicas, each on a full batch (e.g. 2: stages x 2 replicas; worlds that need more "
+                            "cores than this machine has are skipped and say so)")
     bench.add_argument("--threads-per-rank", type=int, default=1,
                        help="CPU threads of each rank in the worlds --ranks launches (default 1)")
     bench.add_argument("--rounds", type=int, default=2,
@@ -128,7 +132,7 @@ def _bench(args, cfg, console: Console) -> None:
                                          block_costs=args.block_costs, link=True)
             result["machine"] = bench.machine(ctx)
         result["command"] = " ".join(sys.argv)
-        if ctx.is_last:
+        if ctx.reports:
             if not args.quiet:
                 (bench.print_unlocking if args.ranks else bench.print_world)(result, console)
             if args.out:

@@ -216,9 +216,19 @@ class ParallelConfig:
     """How the block list is split across ranks and micro-batches."""
 
     microbatches: int = 1
-    """Micro-batches per step (M). ``data.batch_size`` must be divisible by it."""
+    """Micro-batches per step and replica (M). ``data.batch_size`` must be divisible by
+    ``replicas`` × M."""
     partition: tuple[int, ...] = ()
-    """Blocks per rank, e.g. (2, 2); empty = balanced by measured per-block cost."""
+    """Blocks per stage, e.g. (2, 2); empty = balanced by measured per-block cost."""
+    stages: int = 0
+    """Pipeline stages (ranks per pipeline); 0 = chosen: the length of ``partition`` if given,
+    else world size / ``replicas``, else as many as the blocks allow (the largest divisor of the
+    world size that is at most the block count)."""
+    replicas: int = 0
+    """Data-parallel copies of the pipeline, each on its own shard of every batch, averaging each
+    stage's gradients; 0 = chosen (world size / stages). stages × replicas = world size."""
+    bucket_mb: float = 25.0
+    """Size of the buckets in which a stage's gradients are averaged over its replicas."""
     schedule: str = "gpipe"
     """Backward pipeline for serial rules (bp, bp_fc_only, fa, kp): gpipe or 1f1b."""
     timeout_s: float = 300.0
@@ -271,6 +281,18 @@ class Config:
                 f"data.batch_size ({self.data.batch_size}) must be a positive multiple of "
                 f"parallel.microbatches ({self.parallel.microbatches}); change one of them"
             )
+        _at_least("parallel.stages", self.parallel.stages, 0, "pipeline stages, 0 = chosen to fit", 0)
+        _at_least("parallel.replicas", self.parallel.replicas, 0, "copies of the pipeline, 0 = chosen to fit", 0)
+        if self.data.batch_size % (max(self.parallel.replicas, 1) * self.parallel.microbatches):
+            per = max(self.parallel.replicas, 1) * self.parallel.microbatches
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size}) must be divisible by parallel.replicas "
+                f"({self.parallel.replicas}) x parallel.microbatches ({self.parallel.microbatches}) = {per}: each "
+                f"replica trains on an equal shard of every batch; set data.batch_size to a multiple of {per}"
+            )
+        if not self.parallel.bucket_mb > 0:
+            raise ValueError(
+                f"parallel.bucket_mb = {self.parallel.bucket_mb} must be > 0; set e.g. parallel.bucket_mb=25")
         _at_least("run.log_every", self.run.log_every, 1, "steps between metric reads", 50)
         _at_least("run.checkpoint_every", self.run.checkpoint_every, 0, "0 = a checkpoint at each epoch end only", 0)
         _one_of("run.on_nonfinite", self.run.on_nonfinite, ("stop", "skip_batch"))

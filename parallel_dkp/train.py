@@ -30,6 +30,7 @@ from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.optim import Optimizers
 from parallel_dkp.parallel.costs import choose_partition
 from parallel_dkp.parallel.distributed import DistContext, StopRequest, distributed, peer_errors
+from parallel_dkp.parallel.mesh import ReplicaAverager, replica_seed, resolve_layout
 from parallel_dkp.parallel.metrics import StepMetrics
 from parallel_dkp.parallel.schedules import Schedule, build_schedule
 from parallel_dkp.parallel.stage import Stage
@@ -52,6 +53,8 @@ class Job:
     guard: NonFiniteGuard
     train_loader: object
     test_loader: object
+    averager: ReplicaAverager | None = None
+    """Averages this stage's gradients over its replicas (``None`` with one replica)."""
     alignment: list[dict] = field(default_factory=list)
     """Alignment rows measured on this rank and not yet written."""
     tensorboard: TensorBoardLogger | None = None
@@ -63,25 +66,37 @@ class Job:
 
 
 def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> Job:
-    """Data, the seeded network, this rank's stage, its schedule and optimizers.
+    """Data, the seeded network, the stages × replicas layout, this rank's stage, its schedule
+    and optimizers.
 
     The whole network is built on the CPU from per-block seeds (so every device and partition
     starts from the same numbers), then moved to this rank's device before anything measures
-    or adapts it. ``profile`` overrides ``run.profile`` (phase timers on or off).
+    or adapts it. Each replica reads its own shard of every batch. ``profile`` overrides
+    ``run.profile`` (phase timers on or off).
     """
     torch.manual_seed(cfg.run.seed)
     train_loader, test_loader, info = build_loaders(cfg.data, seed=cfg.run.seed)
     blocks = build_blocks(cfg.model, input_shape=info.input_shape, num_classes=info.num_classes, seed=cfg.run.seed)
+    ctx.use_layout(resolve_layout(
+        world_size=ctx.world_size, num_blocks=len(blocks), stages=cfg.parallel.stages, replicas=cfg.parallel.replicas,
+        partition=cfg.parallel.partition, batch_size=cfg.data.batch_size, microbatches=cfg.parallel.microbatches,
+    ), cfg.parallel.timeout_s)
+    if ctx.replicas > 1:
+        train_loader.shard(ctx.replica, ctx.replicas, split_batches=True)
+        test_loader.shard(ctx.replica, ctx.replicas, split_batches=False)
+        # Replicas draw different dropout masks; replica 0 keeps the single-process stream.
+        torch.manual_seed(replica_seed(cfg.run.seed, ctx.replica))
     out_shapes = block_output_shapes(blocks, info.input_shape)
     layout = torch.channels_last if cfg.run.channels_last else torch.preserve_format  # 4-D weights only
     blocks = blocks.to(ctx.device, memory_format=layout)
-    microbatch = cfg.data.batch_size // cfg.parallel.microbatches
+    batch = cfg.data.batch_size // ctx.replicas  # what one replica trains on per step
+    microbatch = batch // cfg.parallel.microbatches
     rule = build_rule(cfg.rule)
     partition = choose_partition(
         cfg.parallel.partition, ctx, blocks=blocks, input_shape=info.input_shape, microbatch=microbatch,
         input_grads=not rule.backward_unlocked,  # direct rules cut every block's input
     )
-    own = partition[ctx.rank]
+    own = partition[ctx.stage]
     stage = Stage(
         [blocks[i] for i in own], indices=own, num_blocks=len(blocks), rule=rule,
         out_shapes=out_shapes, num_classes=info.num_classes, seed=cfg.run.seed,
@@ -92,31 +107,53 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
                           timeout_s=cfg.parallel.timeout_s, channels_last=cfg.run.channels_last)
     schedule = build_schedule(
         stage, transport, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
-        microbatches=cfg.parallel.microbatches, batch_size=cfg.data.batch_size,
+        microbatches=cfg.parallel.microbatches, batch_size=batch,
         pipeline_schedule=cfg.parallel.schedule, channels_last=cfg.run.channels_last,
         timer=make_timer(ctx.device, cfg.run.profile if profile is None else profile),
     )
     optimizers = Optimizers(forward=stage.forward_parameters(), feedback=stage.feedback_parameters(), cfg=cfg.optim)
     guard = NonFiniteGuard(stage, ctx, mode=cfg.run.on_nonfinite, timeout_s=cfg.parallel.timeout_s, rule=cfg.rule.name)
-    return Job(cfg, ctx, info, partition, stage, schedule, optimizers, guard, train_loader, test_loader)
+    averager = None
+    if ctx.replicas > 1:
+        averager = ReplicaAverager(stage.forward_parameters() + stage.feedback_parameters(), list(stage.buffers()),
+                                   group=ctx.replica_group, replicas=ctx.replicas, bucket_mb=cfg.parallel.bucket_mb)
+    return Job(cfg, ctx, info, partition, stage, schedule, optimizers, guard, train_loader, test_loader, averager)
 
 
 def train_step(job: Job, x: torch.Tensor, y: torch.Tensor, *, align: Position | None = None) -> StepMetrics:
     """One optimisation step of this rank's stage. Reads nothing back from the device (except
     with ``run.on_nonfinite = "skip_batch"``, which must decide before the optimizer step, and at
-    an ``align`` step, which measures the alignment of this step's update into ``job.alignment``)."""
+    an ``align`` step, which measures the alignment of this step's update into ``job.alignment``).
+
+    ``x, y`` are this replica's shard of the batch. With several replicas the stage's gradients
+    (and BN running statistics) are averaged over them: the all-reduce starts as soon as the
+    stage's last local update is done and is waited for just before the optimizer step.
+    """
     with peer_errors(job.ctx, job.cfg.parallel.timeout_s, "a training step"):
         job.stage.zero_grad(set_to_none=True)
         metrics = job.schedule.train_step(x, y)
-        if align is not None:
+        if job.averager is not None:
+            job.averager.start()
+        if align is not None:  # this replica's own update (the probe restores the gradients)
             job.alignment += AlignmentProbe(job).measure(x, y, step=align.global_step, epoch=align.epoch)
         job.guard.observe(metrics)  # before the optimizer step, on the device
+        if job.averager is not None:
+            with job.timer.phase("reduce"):
+                job.averager.wait()
         if job.guard.mode == "skip_batch" and job.guard.skip_this_step():
             job.stage.zero_grad(set_to_none=True)
             return StepMetrics()  # the dropped step's loss stays out of the sums
         with job.timer.phase("optim"):
             job.optimizers.step()
     return metrics
+
+
+def read_sums(job: Job, metrics: StepMetrics) -> tuple[float, int, int]:
+    """``(loss_sum, correct, count)`` of ``metrics`` summed over this stage's replicas.
+    Collective over the replicas: all of them call it at the same point."""
+    if job.ctx.replica_group is None:
+        return metrics.read()
+    return metrics.read_summed(job.ctx.replica_group, job.schedule.device)
 
 
 def train_one_epoch(
@@ -131,7 +168,8 @@ def train_one_epoch(
     ``out_dir``, a checkpoint is written every ``run.checkpoint_every`` steps and on a stop.
     """
     position = position or Position(epoch=epoch)
-    total = StepMetrics.restored(position.sums, job.schedule.device)
+    # The saved sums are those of all replicas together: replica 0 carries them on.
+    total = StepMetrics.restored(position.sums if job.ctx.replica == 0 else {}, job.schedule.device)
     seconds = float(position.sums.get("seconds", 0.0))
     num_steps = len(job.train_loader)
     if job.cfg.run.max_steps:
@@ -176,9 +214,11 @@ def train_one_epoch(
 
 def _write_alignment(job: Job, out_dir: Path) -> None:
     """Gather every rank's alignment rows to the last rank, which appends them to alignment.jsonl."""
-    rows = [row for rank_rows in job.ctx.all_gather_object(job.alignment) for row in rank_rows]
+    # Replica 0's pipeline speaks for all: every replica measures the same rule on its own shard.
+    mine = job.alignment if job.ctx.replica == 0 else []
+    rows = [row for rank_rows in job.ctx.all_gather_object(mine) for row in rank_rows]
     job.alignment.clear()
-    if job.ctx.is_last:
+    if job.ctx.reports:
         with (out_dir / "alignment.jsonl").open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: (r["block"], r["metric"])))
         if job.tensorboard is not None:
@@ -187,7 +227,7 @@ def _write_alignment(job: Job, out_dir: Path) -> None:
 
 def _checkpoint(job: Job, out_dir: Path, position: Position, total: StepMetrics | None, seconds: float) -> Path:
     if total is not None:
-        loss_sum, correct, count = total.read()
+        loss_sum, correct, count = read_sums(job, total)
         position.sums = {"loss_sum": loss_sum, "correct": correct, "count": count, "seconds": seconds}
     else:
         position.sums = {}
@@ -199,9 +239,11 @@ def _checkpoint(job: Job, out_dir: Path, position: Position, total: StepMetrics 
 
 def _log(job: Job, total: StepMetrics, step: int, progress: Progress | None, task) -> None:
     """Read the running sums back (this waits for the device) and show them."""
-    if not job.ctx.is_last or progress is None:
+    if not (job.ctx.is_last and job.cfg.run.progress):
         return
-    loss_sum, correct, count = total.read()
+    loss_sum, correct, count = read_sums(job, total)  # on every replica of the last stage
+    if progress is None:
+        return
     stats = f"loss {loss_sum / max(count, 1):.4f}  acc {correct / max(count, 1):.2%}"
     progress.update(task, completed=step, stats=stats)
 
@@ -245,18 +287,19 @@ def train(cfg: Config, *, console: Console | None = None, resume: bool | None = 
 
 def _train(cfg: Config, ctx: DistContext, console: Console, resume: bool | None) -> list[dict]:
     out_dir = Path(cfg.run.out_dir)
-    found = ctx.broadcast_object(_checkpoint_to_resume(cfg, out_dir, resume, console if ctx.is_last else None))
+    found = ctx.broadcast_object(_checkpoint_to_resume(cfg, out_dir, resume, console if ctx.reports else None))
     job = build_job(cfg, ctx)
     position = Position()
     if found is not None:
-        position = checkpoint.load(Path(found), stage=job.stage, optimizers=job.optimizers, device=ctx.device)
-    reporter = ctx.is_last
+        position = checkpoint.load(Path(found), stage=job.stage, optimizers=job.optimizers, device=ctx.device,
+                                   replica=ctx.replica, replicas=ctx.replicas)
+    reporter = ctx.reports
     history = _start_metrics(out_dir, cfg, position) if reporter else []
     if reporter:
         resumed = f" resumed from {found} (epoch {position.epoch}, step {position.step})" if found else ""
         console.print(
             f"[bold]parallel-dkp[/] rule={cfg.rule.name} model={cfg.model.name} data={cfg.data.name} "
-            f"world_size={ctx.world_size} partition={[len(r) for r in job.partition]} "
+            f"world_size={ctx.world_size} ({ctx.layout}) partition={[len(r) for r in job.partition]} "
             f"microbatches={cfg.parallel.microbatches} device={ctx.device}{resumed}"
         )
     if reporter and position.epoch > cfg.run.epochs:
@@ -271,8 +314,9 @@ def _train(cfg: Config, ctx: DistContext, console: Console, resume: bool | None)
             if stopped:
                 raise RunInterrupted(_stop_message(cfg, position, out_dir), stop.signal_name or "SIGTERM")
             test_sums = evaluate(job)
+            train_read, test_read = read_sums(job, train_sums), read_sums(job, test_sums)
             if reporter:
-                row = _metrics_row(cfg, epoch, train_sums, test_sums, seconds, ctx.world_size)
+                row = _metrics_row(cfg, epoch, train_read, test_read, seconds, ctx)
                 history.append(row)
                 with (out_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -316,8 +360,8 @@ def evaluate_checkpoint(cfg: Config, *, directory: str | Path | None = None,
     with distributed(cfg.parallel, cfg.run) as ctx:
         job = build_job(cfg, ctx)
         checkpoint.load(found, stage=job.stage, optimizers=None, device=ctx.device, restore_rng=False)
-        loss_sum, correct, count = evaluate(job).read()
-    if not ctx.is_last:
+        loss_sum, correct, count = read_sums(job, evaluate(job))
+    if not ctx.reports:
         return None
     result = {"test_loss": loss_sum / max(count, 1), "test_acc": correct / max(count, 1),
               "test_examples": count, "checkpoint": str(found)}
@@ -384,10 +428,10 @@ def _stop_message(cfg: Config, position: Position, out_dir: Path) -> str:
     )
 
 
-def _metrics_row(cfg: Config, epoch: int, train: StepMetrics, test: StepMetrics, seconds: float,
-                 world_size: int) -> dict:
-    train_loss, train_correct, train_count = train.read()
-    test_loss, test_correct, test_count = test.read()
+def _metrics_row(cfg: Config, epoch: int, train: tuple[float, int, int], test: tuple[float, int, int],
+                 seconds: float, ctx: DistContext) -> dict:
+    train_loss, train_correct, train_count = train
+    test_loss, test_correct, test_count = test
     return {
         "epoch": epoch,
         "rule": cfg.rule.name,
@@ -400,7 +444,9 @@ def _metrics_row(cfg: Config, epoch: int, train: StepMetrics, test: StepMetrics,
         "train_seconds": seconds,
         "train_examples": train_count,
         "test_examples": test_count,
-        "world_size": world_size,
+        "world_size": ctx.world_size,
+        "stages": ctx.stages,
+        "replicas": ctx.replicas,
     }
 
 
@@ -411,9 +457,10 @@ def _report_phases(job: Job, console: Console, out_dir: Path) -> None:
         return
     summary = job.timer.summary(skip=1)
     summary["rank"] = job.ctx.rank
-    summary["blocks"] = [job.partition[job.ctx.rank].start, job.partition[job.ctx.rank].stop]
+    summary["stage"], summary["replica"] = job.ctx.stage, job.ctx.replica
+    summary["blocks"] = [job.partition[job.ctx.stage].start, job.partition[job.ctx.stage].stop]
     rows = job.ctx.all_gather_object(summary)
-    if not job.ctx.is_last or not rows[0].get("step"):
+    if not job.ctx.reports or not rows[0].get("step"):
         return
     table = Table(title="median ms per step, per rank (first step skipped)")
     for column in ("rank", "blocks", *PHASE_LABELS, "step", "idle"):

@@ -182,7 +182,7 @@ def test_num_blocks_and_plan_report_depth_plus_two(capsys, name, depth):
     assert num_blocks(cfg) == depth + 2
     assert len(blocks_module.block_specs(cfg, input_shape=(1, 28, 28), num_classes=10)) == depth + 2
     assert main(["plan", "--set", f"model.name={name}", "--set", f"model.depth={depth}", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"model": name, "num_blocks": depth + 2, "max_ranks": depth + 2}
+    assert json.loads(capsys.readouterr().out) == {"model": name, "num_blocks": depth + 2, "max_stages": depth + 2}
 
 
 def test_plan_builds_no_vit_or_convdeep_block(monkeypatch):
@@ -193,7 +193,7 @@ def test_plan_builds_no_vit_or_convdeep_block(monkeypatch):
     for helper in ("_conv_block", "_PatchEmbedding", "_TransformerBlock"):
         monkeypatch.setattr(blocks_module, helper, refuse)
     for name in ("vit", "convdeep"):
-        assert make_plan(load_config(None, [f"model.name={name}"])).max_ranks == 6  # depth 4 + 2
+        assert make_plan(load_config(None, [f"model.name={name}"])).max_stages == 6  # depth 4 + 2
 
 
 @pytest.mark.parametrize("override, words", [

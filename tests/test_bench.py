@@ -31,8 +31,8 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "parallel_dkp", "bench", *TINY, "--ranks", "1,2", "--microbatches", "2,4",
-         "--steps", "1", "--warmup", "0", "--rounds", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+         "--replicas", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -60,7 +60,18 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     cm = r["cost_model"]
     assert set(cm["block_costs"]) == {"2", "4"} and len(cm["block_costs"]["4"]["forward"]) == 4
     assert cm["link"]["latency_s"] >= 0 and cm["link"]["bandwidth_Bps"] > 0
-    assert len(cm["validation"]) == 2 * (3 + 4)  # per M: 3 variants on 1 rank, 4 on 2 ranks
+    # stages x replicas: 1 x 2 always runs (2 cores); 2 x 2 where the machine has 4 cores
+    measured = {k for k in r["mesh"]}
+    assert "1x2" in measured and ("2x2" in measured) == ("mesh:2stages-2replicas-1threads" not in r["skipped_worlds"])
+    dp = r["mesh"]["1x2"]["by_microbatches"]["4"]
+    assert dp["batch_size"] == 2 * 16  # every replica on a full batch
+    one_dkp = one["rules"]["dkp"]["median_s"]
+    assert dp["dkp"]["throughput_over_one_rank"] == pytest.approx(2 * one_dkp / dp["dkp"]["step_s"])
+    assert dp["dkp"]["examples_per_s"] == pytest.approx(32 / dp["dkp"]["step_s"])
+    mesh_rows = [row for row in cm["validation"] if row["replicas"] == 2]
+    assert {(row["ranks"], row["variant"]) for row in mesh_rows} >= {(1, "dkp"), (1, "bp")}
+    # per M: 3 variants on 1 rank, 4 on 2 ranks, 2 on every stages x replicas world
+    assert len(cm["validation"]) == 2 * (3 + 4 + 2 * len(measured))
     assert cm["validation_error"] == max(row["relative_error"] for row in cm["validation"])
     assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
     assert set(cm["predictions_s"]["4"]["direct"]) == {"1", "2", "3", "4"}
@@ -74,7 +85,7 @@ def test_unlocking_benchmark_refuses_more_ranks_than_blocks(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert "conv2 has 4 blocks, so at most 4 ranks" in " ".join(proc.stderr.split())
+    assert "conv2 has 4 blocks, so at most 4 pipeline stages" in " ".join(proc.stderr.split())
     assert not (tmp_path / "x.json").exists()
 
 
@@ -106,6 +117,11 @@ def test_block_phases_cover_every_block():
     shapes = block_output_shapes(build_blocks(cfg.model, input_shape=(1, 8, 8), num_classes=10, seed=0), (1, 8, 8))
     assert list(costs.out_bytes) == [8 * math.prod(s) * 4 for s in shapes]
     assert costs.error_bytes == 8 * 10 * 4
+    # what replicas average: every trained weight (and BN statistic) once, and dkp's feedback
+    dkp = build_blocks(cfg.model, input_shape=(1, 8, 8), num_classes=10, seed=0)
+    weights = sum(p.numel() for p in dkp.parameters()) + sum(b.numel() for b in dkp.buffers() if b.is_floating_point())
+    assert sum(costs.weight_bytes) == 4 * weights
+    assert list(costs.feedback_bytes) == [10 * math.prod(s) * 4 for s in shapes[:-1]] + [0]
     # the replay of one rank's step equals the sum of its parts
     one = costmodel.stage_costs(costs, [range(4)], "direct")[0]
     want = 2 * (one.forward + one.update_output + one.update_hidden) + one.optim

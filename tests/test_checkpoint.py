@@ -41,7 +41,8 @@ def _metrics(out_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         row.pop("train_seconds")  # wall time is the one thing allowed to differ
-        row.pop("world_size")
+        for key in ("world_size", "stages", "replicas"):  # and the layout
+            row.pop(key)
     return rows
 
 
@@ -236,3 +237,42 @@ def test_a_checkpoint_from_before_a_new_option_still_resumes():
     assert checkpoint.config_differences(saved, cfg) == []
     changed = load_config(None, [*RUN, "model.conv_padding=0"])
     assert checkpoint.config_differences(saved, changed) == ["model.conv_padding: 1 -> 0"]
+
+
+@pytest.mark.multirank
+def test_mesh_checkpoints_resume_exactly_and_load_into_any_layout(tmp_path):
+    """Pinpoints mesh checkpoints that lose a replica's state, write a shard per rank, or do not
+    load into another layout: a 2 x 2 run (stages x replicas) stopped by a SIGTERM that reaches
+    one replica writes one shard per stage; resumed on 2 x 2 it ends bit for bit like the
+    uninterrupted 2 x 2 run; resumed on one process (with the same micro-batches) it ends with
+    the same parameters; and one process evaluates the final checkpoint as the mesh did."""
+    mesh = [*RUN, "parallel.partition=[2, 2]", "parallel.replicas=2"]
+    want = tmp_path / "uninterrupted"
+    spawn(train_until_signal, 4, str(want), mesh, None, None, timeout=240)
+
+    got = tmp_path / "stopped"
+    spawn(train_until_signal, 4, str(got), mesh, 1, 5, timeout=240)
+    records = [json.loads((got / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["ended"] for r in records] == ["interrupted"] * 4, records
+    newest = checkpoint.latest(got)
+    manifest = checkpoint.read_manifest(newest)
+    assert (manifest["stages"], manifest["replicas"], manifest["partition"]) == (2, 2, [[0, 2], [2, 4]])
+    assert sorted(p.name for p in newest.glob("shard-*")) == manifest["shards"] == ["shard-00.pt", "shard-01.pt"]
+
+    on_one = tmp_path / "on_one_process"
+    shutil.copytree(got / "checkpoints", on_one / "checkpoints")
+    shutil.copy(got / "metrics.jsonl", on_one / "metrics.jsonl")
+    train_until_signal(0, 1, str(on_one), [*RUN, "parallel.microbatches=4"], signal_rank=None, signal_at=None)
+    one_state, want_state = _final_state(on_one), _final_state(want)
+    for key, value in want_state.items():
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):  # per replica, averaged
+            torch.testing.assert_close(one_state[key], value, msg=lambda m: f"{key}: {m}")
+
+    spawn(train_until_signal, 4, str(got), mesh, None, None, timeout=240)
+    _assert_same_run(got, want)
+
+    evaluated = evaluate_checkpoint(load_config(None, [*RUN, f"run.out_dir={want}"]))
+    last = _metrics(want)[-1]
+    assert evaluated["test_examples"] == last["test_examples"]
+    assert evaluated["test_acc"] == pytest.approx(last["test_acc"])
+    assert evaluated["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)

@@ -65,12 +65,12 @@ def test_torchrun_bad_partition_fails_before_training(tmp_path):
 
 
 @pytest.mark.multirank
-def test_torchrun_more_ranks_than_blocks_fails_before_training(tmp_path):
-    """Pinpoints a world size that does not fit the model being discovered late (or hanging)."""
+def test_torchrun_more_stages_than_blocks_fails_before_training(tmp_path):
+    """Pinpoints a layout that does not fit the model being discovered late (or hanging)."""
     proc = _torchrun(3, "train", *SMOKE, "--set", "model.name=mlp", "--set", "model.widths=[8]",
-                     "--set", f"run.out_dir={tmp_path}")
+                     "--set", "parallel.stages=3", "--set", f"run.out_dir={tmp_path}")
     assert proc.returncode != 0
-    assert "world size (3) is larger than the number of blocks (2)" in " ".join(proc.stderr.split())
+    assert "3 pipeline stages but the model has only 2 blocks" in " ".join(proc.stderr.split())
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -10,6 +10,7 @@ from parallel_dkp.parallel.costmodel import (
     BlockCosts,
     Link,
     StageCosts,
+    allreduce_seconds,
     ideal_direct_speedup,
     predict,
     simulate,
@@ -98,3 +99,43 @@ def test_block_costs_reject_ragged_lists_and_repeat_the_middle_block():
     assert list(deep.forward) == [5, 1, 1, 1, 1, 9]
     assert deep.error_bytes == 4.0
     assert BlockCosts.from_dict(deep.as_dict()) == deep
+
+
+def test_replicas_add_a_ring_all_reduce_before_the_optimizer_step():
+    """Pinpoints an all-reduce cost that is not the ring's 2(R-1) transfers of n/R bytes, or one
+    added where there is a single replica."""
+    link = Link(latency_s=0.01, bandwidth_Bps=1e3)
+    assert allreduce_seconds(600.0, 3, link) == pytest.approx(4 * (0.01 + 200.0 / 1e3))
+    assert allreduce_seconds(600.0, 1, link) == 0.0
+    one = [StageCosts(forward=F, backward=B, update_hidden=0.0, update_output=U, optim=0.5, send_bytes=0.0,
+                      reduce_bytes=600.0)]
+    for method, per_mb in (("direct", F + U), ("gpipe", F + B)):
+        alone = simulate(one, microbatches=4, method=method)
+        assert alone == pytest.approx(4 * per_mb + 0.5)
+        assert simulate(one, microbatches=4, method=method, replicas=3, reduce_link=link) == pytest.approx(
+            alone + allreduce_seconds(600.0, 3, link))
+
+
+def test_a_stage_that_finishes_early_hides_its_all_reduce():
+    """Pinpoints reductions modelled as one barrier after the whole pipeline: under GPipe with
+    F = B = 1, N = 2, M = 2 the last stage is done at 5 and the first at 6, so a 1 s reduction on
+    the last stage is hidden, a 2 s one shows by 1 s, and 1 s on the first stage shows in full."""
+    def two(reduce0: float, reduce1: float) -> list[StageCosts]:
+        return [StageCosts(forward=1.0, backward=1.0, update_hidden=0.0, update_output=0.0, optim=0.0,
+                           send_bytes=0.0, reduce_bytes=r) for r in (reduce0, reduce1)]
+
+    link = Link(latency_s=0.0, bandwidth_Bps=1.0)  # R = 2: 2 transfers of n/2 bytes, n seconds
+    assert simulate(two(0, 0), microbatches=2, method="gpipe", replicas=2, reduce_link=link) == pytest.approx(6.0)
+    assert simulate(two(0, 1), microbatches=2, method="gpipe", replicas=2, reduce_link=link) == pytest.approx(6.0)
+    assert simulate(two(0, 2), microbatches=2, method="gpipe", replicas=2, reduce_link=link) == pytest.approx(7.0)
+    assert simulate(two(1, 0), microbatches=2, method="gpipe", replicas=2, reduce_link=link) == pytest.approx(7.0)
+
+
+def test_direct_rules_average_their_learned_feedback_and_backprop_does_not():
+    costs = BlockCosts(forward=[1, 1], backward=[1, 1], update=[1, 1], optim_bp=[0, 0], optim_direct=[0, 0],
+                       out_bytes=[8, 0], weight_bytes=[100, 10], feedback_bytes=[40, 0])
+    assert [s.reduce_bytes for s in stage_costs(costs, [range(1), range(1, 2)], "direct")] == [140, 10]
+    assert [s.reduce_bytes for s in stage_costs(costs, [range(1), range(1, 2)], "1f1b")] == [100, 10]
+    assert BlockCosts.from_dict(costs.as_dict()) == costs
+    legacy = {k: v for k, v in costs.as_dict().items() if k not in ("weight_bytes", "feedback_bytes")}
+    assert list(BlockCosts.from_dict(legacy).weight_bytes) == [0.0, 0.0]  # files written before replicas

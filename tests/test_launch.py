@@ -272,9 +272,14 @@ def _launch(script: str, args, fake: Path, **env) -> subprocess.CompletedProcess
     return run(["bash", script, *args], timeout=60, env={"PYTHON": str(fake), "REAL_PYTHON": sys.executable, **env})
 
 
+def _layout_notes(proc: subprocess.CompletedProcess, script: str) -> list[str]:
+    """The launcher's own lines on stderr (``launch/x.sh: ...``)."""
+    return [line for line in proc.stderr.splitlines() if line.startswith(f"{script}:")]
+
+
 def test_torchrun_sh_uses_one_rank_per_visible_gpu(tmp_path):
-    """Pinpoints launch/torchrun.sh miscounting ranks when the GPUs fit the model (default: GPUs
-    torch sees; NPROC overrides), dropping the train arguments, or starting a job on a machine
+    """Pinpoints launch/torchrun.sh miscounting ranks (default: GPUs torch sees; NPROC overrides),
+    dropping the train arguments, not printing the layout, or starting a job on a machine
     without GPUs."""
     fake = _fake_python(tmp_path)
     args = ["--set", "rule.name=dkp"]  # conv2, 4 blocks
@@ -283,59 +288,100 @@ def test_torchrun_sh_uses_one_rank_per_visible_gpu(tmp_path):
     assert four.returncode == 0, tail(four)
     assert four.stdout.split() == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                                    "--max-restarts", "0", "-m", "parallel_dkp", "train", *args], four.stdout
-    assert "idle" not in four.stderr, tail(four)  # nothing capped, nothing to say
+    assert _layout_notes(four, "launch/torchrun.sh") == ["launch/torchrun.sh: 4 ranks = 4 stages x 1 replica"], \
+        tail(four)
 
     pinned = _launch("launch/torchrun.sh", [], fake, FAKE_GPUS="4", NPROC="3", RDZV_ENDPOINT="127.0.0.1:29999")
     assert "--nproc-per-node 3" in pinned.stdout and "--rdzv-endpoint 127.0.0.1:29999" in pinned.stdout, tail(pinned)
+    assert "3 ranks = 3 stages x 1 replica" in pinned.stderr, tail(pinned)
 
     none = _launch("launch/torchrun.sh", [], fake, FAKE_GPUS="0")
     assert none.returncode == 2 and "no GPU" in none.stderr and "cpu_sim.sh" in none.stderr, tail(none)
     assert "torch.distributed.run" not in none.stdout
 
+    bad = _launch("launch/torchrun.sh", [], fake, FAKE_GPUS="4", NPROC="two")
+    assert bad.returncode == 2 and "NPROC must be a positive number" in bad.stderr, tail(bad)
+    assert "torch.distributed.run" not in bad.stdout
 
-def test_torchrun_sh_caps_default_ranks_at_the_model_blocks(tmp_path):
-    """Pinpoints launch/torchrun.sh starting one rank per GPU when the model has fewer blocks (8 GPUs,
-    conv2 with 4 blocks must start 4 ranks and say so on stderr), or capping a model that has
-    enough blocks (alexnet, 8 blocks, takes all 8 GPUs)."""
+
+def test_torchrun_sh_puts_ranks_beyond_the_blocks_into_replicas(tmp_path):
+    """Pinpoints launch/torchrun.sh capping the ranks at the model's blocks (8 GPUs, conv2 with 4
+    blocks must start all 8 ranks as 4 stages x 2 replicas and say so on stderr), miscounting a
+    model with enough blocks (alexnet, 8 blocks: 8 stages x 1 replica), or not passing a
+    --set parallel.stages override through to train unchanged."""
     fake = _fake_python(tmp_path)
     conv2 = _launch("launch/torchrun.sh", ["--config", "configs/cifar10_conv2.toml"], fake, FAKE_GPUS="8")
     assert conv2.returncode == 0, tail(conv2)
-    assert conv2.stdout.split()[3:5] == ["--nproc-per-node", "4"], conv2.stdout
+    assert conv2.stdout.split()[3:5] == ["--nproc-per-node", "8"], conv2.stdout
     assert conv2.stdout.split()[-2:] == ["--config", "configs/cifar10_conv2.toml"], conv2.stdout
-    notes = [line for line in conv2.stderr.splitlines() if line.startswith("launch/torchrun.sh:")]
-    assert len(notes) == 1 and "8 GPUs visible" in notes[0] and "starting 4 ranks" in notes[0], tail(conv2)
+    assert _layout_notes(conv2, "launch/torchrun.sh") == ["launch/torchrun.sh: 8 ranks = 4 stages x 2 replicas"], \
+        tail(conv2)
 
     alexnet = _launch("launch/torchrun.sh", ["--config", "configs/tiny_imagenet_alexnet.toml"], fake, FAKE_GPUS="8")
     assert alexnet.returncode == 0, tail(alexnet)
-    assert alexnet.stdout.split()[3:5] == ["--nproc-per-node", "8"] and "idle" not in alexnet.stderr, tail(alexnet)
+    assert alexnet.stdout.split()[3:5] == ["--nproc-per-node", "8"], tail(alexnet)
+    assert "8 ranks = 8 stages x 1 replica" in alexnet.stderr, tail(alexnet)
 
+    args = ["--config", "configs/cifar100_alexnet.toml", "--set", "parallel.stages=2"]
+    two = _launch("launch/torchrun.sh", args, fake, FAKE_GPUS="8")
+    assert two.returncode == 0, tail(two)
+    assert two.stdout.split()[-4:] == args and "8 ranks = 2 stages x 4 replicas" in two.stderr, tail(two)
 
-def test_torchrun_sh_refuses_more_ranks_than_blocks_before_launching(tmp_path):
-    """Pinpoints launch/torchrun.sh letting an explicit NPROC above the model's blocks (or a config
-    typo) reach torchrun: it must exit 2 before torchrun starts, saying which NPROC fits."""
-    fake = _fake_python(tmp_path)
     six = _launch("launch/torchrun.sh", ["--set", "model.name=conv2"], fake, FAKE_GPUS="8", NPROC="6")
-    assert six.returncode == 2, tail(six)
-    assert "torch.distributed.run" not in six.stdout, tail(six)
-    assert "NPROC=6" in six.stderr and "at most 4 ranks" in six.stderr and "set NPROC=4" in six.stderr, tail(six)
+    assert six.returncode == 0 and "--nproc-per-node 6" in six.stdout, tail(six)
+    assert "6 ranks = 3 stages x 2 replicas" in six.stderr, tail(six)  # the largest divisor of 6 <= 4 blocks
+
+
+def test_torchrun_sh_refuses_a_layout_that_cannot_work_before_launching(tmp_path):
+    """Pinpoints launch/torchrun.sh letting a bad layout (more stages than blocks, a batch the
+    replicas x micro-batches do not divide) or a config typo reach torchrun: it must exit 2 before
+    torchrun starts, with the library's own message."""
+    fake = _fake_python(tmp_path)
+    stages = _launch("launch/torchrun.sh", ["--set", "model.name=conv2", "--set", "parallel.stages=8"], fake,
+                     FAKE_GPUS="8")
+    assert stages.returncode == 2, tail(stages)
+    assert "torch.distributed.run" not in stages.stdout, tail(stages)
+    err = " ".join(stages.stderr.split())
+    assert "8 pipeline stages but the model has only 4 blocks" in err and "parallel.replicas" in err, tail(stages)
+    assert "launch/torchrun.sh: not started (8 ranks" in err, tail(stages)
+
+    # conv2 on 8 ranks: 4 stages x 2 replicas; 2 x 4 micro-batches = 8 does not divide 100
+    batch = _launch("launch/torchrun.sh", ["--set", "data.batch_size=100", "--set", "parallel.microbatches=4"], fake,
+                    FAKE_GPUS="8")
+    assert batch.returncode == 2 and "torch.distributed.run" not in batch.stdout, tail(batch)
+    err = " ".join(batch.stderr.split())
+    assert "data.batch_size (100) must be divisible by parallel.replicas (2) x parallel.microbatches (4) = 8" in err, \
+        tail(batch)
+    # ... while 4 GPUs (4 stages x 1 replica) run the same arguments
+    assert _launch("launch/torchrun.sh", ["--set", "data.batch_size=100", "--set", "parallel.microbatches=4"], fake,
+                   FAKE_GPUS="4").returncode == 0
 
     typo = _launch("launch/torchrun.sh", ["--set", "model.nmae=conv2"], fake, FAKE_GPUS="8")
     assert typo.returncode == 2 and "torch.distributed.run" not in typo.stdout, tail(typo)
     assert "config error" in typo.stderr and "model.name" in typo.stderr, tail(typo)
 
 
-def test_cpu_sim_sh_checks_ranks_against_the_model_blocks(tmp_path):
-    """Pinpoints launch/cpu_sim.sh starting more ranks than the model has blocks: an explicit NPROC
-    above them must exit 2 before torchrun with the fix, and the default 2 must drop to what a
-    1-entry parallel.partition allows."""
+def test_cpu_sim_sh_checks_the_layout_before_launching(tmp_path):
+    """Pinpoints launch/cpu_sim.sh starting ranks for a layout that cannot work (NPROC=5 on conv2
+    is 1 stage x 5 replicas, whose shard of the 128 batch is not whole: exit 2 before torchrun
+    with the library's message), capping NPROC at the blocks (NPROC=8 on conv2: 4 stages x 2
+    replicas), or changing the default 2 ranks for a 1-entry parallel.partition (1 stage x 2
+    replicas)."""
     fake = _fake_python(tmp_path)
     five = _launch("launch/cpu_sim.sh", [], fake, NPROC="5")
     assert five.returncode == 2 and "torch.distributed.run" not in five.stdout, tail(five)
-    assert "NPROC=5" in five.stderr and "at most 4 ranks" in five.stderr and "set NPROC=4" in five.stderr, tail(five)
+    err = " ".join(five.stderr.split())
+    assert "data.batch_size (128) must be divisible by parallel.replicas (5)" in err, tail(five)
+    assert "launch/cpu_sim.sh: not started (5 ranks" in err, tail(five)
+
+    eight = _launch("launch/cpu_sim.sh", [], fake, NPROC="8")
+    assert eight.returncode == 0 and "--nproc-per-node 8 " in eight.stdout, tail(eight)
+    assert _layout_notes(eight, "launch/cpu_sim.sh") == ["launch/cpu_sim.sh: 8 ranks = 4 stages x 2 replicas"]
 
     one = _launch("launch/cpu_sim.sh", ["--set", "parallel.partition=[4]"], fake)
     assert one.returncode == 0, tail(one)
-    assert "--nproc-per-node 1 " in one.stdout and "at most 1 ranks" in one.stderr, tail(one)
+    assert "--nproc-per-node 2 " in one.stdout and "2 ranks = 1 stage x 2 replicas" in one.stderr, tail(one)
+    assert one.stdout.rstrip().endswith("--set parallel.backend=gloo --set parallel.partition=[4]"), one.stdout
 
 
 def _slurm_env(bin_dir: Path, nodes: int, gpus: int) -> dict[str, str]:
@@ -374,41 +420,156 @@ def test_slurm_script_runs_one_c10d_torchrun_per_node(tmp_path):
     assert proc.stdout.split() == [
         "srun", "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--max-restarts", "1", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "gpu-node-07:29500", "--rdzv-id", "4242", "-m", "parallel_dkp", "train", *args], proc.stdout
+    assert "launch/slurm.sbatch: 8 ranks = 8 stages x 1 replica" in proc.stderr.splitlines(), tail(proc)
 
 
-def test_slurm_script_refuses_more_ranks_than_blocks_before_srun(tmp_path):
-    """Pinpoints launch/slurm.sbatch letting a job larger than the model reach srun: 2 nodes x 8 GPUs
-    of conv2 (4 blocks) must exit 2 with the sbatch options that fit and never call srun, while
-    the script's own defaults (1 node x 4 GPUs) run conv2."""
-    text = (LAUNCH / "slurm.sbatch").read_text()
-    nodes, gpus = _sbatch_default(text, "nodes"), _sbatch_default(text, "gpus-per-node")
-    assert (nodes, gpus) == (1, 4), "the #SBATCH defaults changed; the docs and header say 1 node x 4 GPUs"
+def test_slurm_script_lays_out_two_nodes_of_eight_gpus(tmp_path):
+    """Pinpoints launch/slurm.sbatch capping a job at the model's blocks or printing the wrong
+    layout: 2 nodes x 8 GPUs of alexnet (8 blocks) run as 8 stages x 2 replicas, or 4 x 4 with
+    --set parallel.stages=4 (passed to train unchanged); conv2 (4 blocks) runs as 4 x 4."""
+    env = _slurm_env(tmp_path / "bin", 2, 8)
+    cases = [
+        (["--config", "configs/cifar100_alexnet.toml"], "16 ranks = 8 stages x 2 replicas"),
+        (["--config", "configs/cifar100_alexnet.toml", "--set", "parallel.stages=4"],
+         "16 ranks = 4 stages x 4 replicas"),
+        (["--config", "configs/cifar10_conv2.toml"], "16 ranks = 4 stages x 4 replicas"),
+    ]
+    for args, layout in cases:
+        proc = run(["bash", "launch/slurm.sbatch", *args], timeout=60, env=env)
+        assert proc.returncode == 0, tail(proc)
+        words = proc.stdout.split()
+        assert words[:6] == ["srun", "torchrun", "--nnodes", "2", "--nproc-per-node", "8"], proc.stdout
+        assert words[-len(args):] == args, proc.stdout
+        notes = [line for line in proc.stderr.splitlines() if line.startswith("launch/slurm.sbatch:")]
+        assert notes == [f"launch/slurm.sbatch: {layout}"], tail(proc)  # replicas divide 8: no cross-node note
 
-    big = run(["bash", "launch/slurm.sbatch", "--config", "configs/cifar10_conv2.toml"], timeout=60,
-              env=_slurm_env(tmp_path / "bin", 2, 8))
-    assert big.returncode == 2 and "srun" not in big.stdout, tail(big)
-    assert "2 nodes x 8 GPUs = 16 ranks" in big.stderr and "at most 4 ranks" in big.stderr, tail(big)
-    assert "sbatch --nodes=1 --gpus-per-node=4 launch/slurm.sbatch --config configs/cifar10_conv2.toml" in big.stderr
+    # 4 GPUs per node, 1 stage x 8 replicas: the stage's replicas span both nodes, and it says so
+    wide = run(["bash", "launch/slurm.sbatch", "--set", "parallel.stages=1"], timeout=60,
+               env=_slurm_env(tmp_path / "bin", 2, 4))
+    assert wide.returncode == 0 and wide.stdout.startswith("srun torchrun"), tail(wide)
+    assert "8 ranks = 1 stage x 8 replicas" in wide.stderr and "across nodes" in wide.stderr, tail(wide)
 
-    fits = run(["bash", "launch/slurm.sbatch", "--config", "configs/cifar10_conv2.toml"], timeout=60,
-               env=_slurm_env(tmp_path / "bin", nodes, gpus))
-    assert fits.returncode == 0, tail(fits)
-    assert fits.stdout.split()[:6] == ["srun", "torchrun", "--nnodes", "1", "--nproc-per-node", "4"], fits.stdout
+
+def test_slurm_script_refuses_a_bad_layout_before_srun(tmp_path):
+    """Pinpoints launch/slurm.sbatch letting a layout that cannot work reach srun: more stages than
+    blocks, a parallel.replicas that does not divide the ranks, or a batch the replicas x
+    micro-batches do not divide must exit 2 with the library's message and never call srun."""
+    env = _slurm_env(tmp_path / "bin", 2, 8)
+    cases = [
+        (["--config", "configs/cifar10_conv2.toml", "--set", "parallel.stages=8"],
+         "8 pipeline stages but the model has only 4 blocks"),
+        (["--config", "configs/cifar100_alexnet.toml", "--set", "parallel.stages=3"],
+         "parallel.stages = 3 does not divide the world size (16)"),
+        (["--config", "configs/cifar10_conv2.toml", "--set", "data.batch_size=120", "--set", "parallel.microbatches=4"],
+         "data.batch_size (120) must be divisible by parallel.replicas (4) x parallel.microbatches (4) = 16"),
+    ]
+    for args, message in cases:
+        proc = run(["bash", "launch/slurm.sbatch", *args], timeout=60, env=env)
+        assert proc.returncode == 2 and "srun" not in proc.stdout, tail(proc)
+        err = " ".join(proc.stderr.split())
+        assert message in err, tail(proc)
+        assert "launch/slurm.sbatch: not started (2 nodes x 8 GPUs = 16 ranks" in err, tail(proc)
 
 
 def test_slurm_defaults_fit_every_shipped_config():
-    """Pinpoints an #SBATCH default (or the GPUS_PER_NODE fallback) that makes `sbatch
-    launch/slurm.sbatch --config configs/X.toml` too large for some shipped config's model."""
-    from parallel_dkp.plan import make_plan
+    """Pinpoints an #SBATCH default (or the GPUS_PER_NODE fallback) whose rank count some shipped
+    config cannot be laid out on (`sbatch launch/slurm.sbatch --config configs/X.toml` would stop
+    before srun), checked with the same resolve_layout that plan and train use."""
+    from parallel_dkp.plan import make_plan, plan_layout
 
     text = (LAUNCH / "slurm.sbatch").read_text()
     nodes, gpus = _sbatch_default(text, "nodes"), _sbatch_default(text, "gpus-per-node")
     assert f"SLURM_GPUS_ON_NODE:-{gpus}}}" in text, "GPUS_PER_NODE's fallback differs from --gpus-per-node"
     configs = sorted((REPO / "configs").glob("*.toml"))
     assert configs
-    too_small = {c.name: make_plan(load_config(c)).max_ranks for c in configs}
-    too_small = {name: m for name, m in too_small.items() if nodes * gpus > m}
-    assert not too_small, f"{nodes} x {gpus} ranks exceed these configs' max ranks: {too_small}"
+    refused = {}
+    for path in configs:
+        cfg = load_config(path)
+        try:
+            layout = plan_layout(cfg, make_plan(cfg), nodes * gpus)
+        except ValueError as err:
+            refused[path.name] = str(err)
+        else:
+            assert layout.world_size == nodes * gpus
+    assert not refused, f"{nodes} x {gpus} ranks cannot run these configs: {refused}"
+
+
+# --------------------------------------------------------------------------- plan --world-size
+
+
+def _plan(capsys, *args: str) -> tuple[int, str, str]:
+    """``parallel-dkp plan ARGS`` in this process: (exit code, stdout, stderr with lines joined)."""
+    from parallel_dkp.cli import main
+
+    code = main(["plan", *args])
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())
+
+
+@pytest.mark.parametrize("args, world_size, expected", [
+    (["--config", "configs/cifar100_alexnet.toml"], 16, (8, 2)),
+    (["--config", "configs/cifar100_alexnet.toml", "--set", "parallel.stages=4"], 16, (4, 4)),
+    (["--config", "configs/cifar100_alexnet.toml", "--set", "parallel.replicas=8"], 16, (2, 8)),
+    (["--config", "configs/cifar10_conv2.toml"], 6, (3, 2)),
+    (["--config", "configs/cifar10_conv2.toml"], 3, (3, 1)),
+    (["--set", "parallel.partition=[1, 3]"], 8, (2, 4)),
+    (["--set", "model.name=vit", "--set", "model.depth=6"], 16, (8, 2)),
+])
+def test_plan_world_size_prints_stages_and_replicas(capsys, args, world_size, expected):
+    """Pinpoints `plan --world-size N` printing another layout than resolve_layout's (stages = the
+    largest divisor of N <= the blocks, or what parallel.stages/replicas/partition fix), or
+    anything but "STAGES REPLICAS" on stdout (the launchers read it)."""
+    code, out, err = _plan(capsys, *args, "--world-size", str(world_size))
+    assert code == 0, err
+    assert out == f"{expected[0]} {expected[1]}\n", out
+
+
+def test_plan_world_size_json_gives_the_layout(capsys):
+    """Pinpoints `plan --world-size N --json` losing a key or giving values other than the text form."""
+    code, out, err = _plan(capsys, "--config", "configs/cifar100_alexnet.toml", "--world-size", "16", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"model": "alexnet", "num_blocks": 8, "max_stages": 8, "world_size": 16, "stages": 8,
+                               "replicas": 2}
+    code, out, err = _plan(capsys, "--set", "model.name=vit", "--set", "model.depth=6", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"model": "vit", "num_blocks": 8, "max_stages": 8}
+
+
+@pytest.mark.parametrize("args, world_size, message", [
+    (["--set", "parallel.stages=8"], 8, "8 pipeline stages but the model has only 4 blocks"),
+    ([], 5, "data.batch_size (128) must be divisible by parallel.replicas (5) x parallel.microbatches (1) = 5"),
+    (["--set", "parallel.stages=2", "--set", "parallel.replicas=2"], 8,
+     "parallel.stages (2) x parallel.replicas (2) = 4 ranks, but the world size is 8"),
+    (["--set", "parallel.partition=[1, 3]", "--set", "parallel.stages=3"], 6,
+     "parallel.partition [1, 3] has 2 stages but parallel.stages = 3"),
+])
+def test_plan_world_size_refuses_a_bad_layout_with_exit_code_2(capsys, args, world_size, message):
+    """Pinpoints `plan --world-size N` accepting a layout train would refuse, or refusing it
+    without resolve_layout's message, with an exit code other than 2, or with anything on stdout
+    (a launcher would read it as a layout); --json changes none of that."""
+    for extra in ([], ["--json"]):
+        code, out, err = _plan(capsys, *args, "--world-size", str(world_size), *extra)
+        assert (code, out) == (2, ""), (code, out, err)
+        assert f"config error: {world_size} ranks:" in err and message in err, err
+
+
+def test_plan_world_size_must_be_a_positive_count(capsys):
+    """Pinpoints `plan --world-size 0` (or a word) being accepted instead of a usage error (exit 2)."""
+    for value in ("0", "-3", "many"):
+        with pytest.raises(SystemExit) as stop:
+            _plan(capsys, "--world-size", value)
+        assert stop.value.code == 2
+        assert "not a positive number of ranks" in capsys.readouterr().err
+
+
+def test_plan_text_names_the_stage_limit_and_the_world_size_option(capsys):
+    """Pinpoints the human-readable plan still promising a rank cap, or losing the stage limit."""
+    code, out, err = _plan(capsys, "--config", "configs/cifar100_alexnet.toml")
+    assert code == 0, err
+    assert "stages: at most 8" in out and "--world-size N" in out, out
+    assert "ranks: at most" not in out, out
+    code, out, err = _plan(capsys, "--set", "parallel.partition=[1, 3]")
+    assert code == 0 and "stages: exactly 2" in out, out
 
 
 # --------------------------------------------------------------------------- accelerate

@@ -1,4 +1,5 @@
-"""``parallel-dkp plan``: the model's blocks and the largest rank count, from the config alone.
+"""``parallel-dkp plan``: the model's blocks, the most pipeline stages, and the stages x replicas
+layout of a world size, from the config alone.
 
 Everything runs in this process (``cli.main``) except one real command line; a few seconds.
 """
@@ -35,13 +36,16 @@ def plan(capsys, *args: str) -> tuple[int, str, str]:
     ("configs/tiny_imagenet_alexnet.toml", 8),
     ("configs/alexnet_small_cifar100.toml", 8),
 ])
-def test_plan_max_ranks_of_shipped_configs(capsys, config, expected):
+def test_plan_max_stages_of_shipped_configs(capsys, config, expected):
     """Pinpoints a wrong block count for a shipped config (conv2 has 4 blocks, alexnet and
-    alexnet_small 8), or --max-ranks printing anything but that one integer. The datasets of
-    these configs are not on this machine: plan must not need them."""
-    code, out, err = plan(capsys, "--config", config, "--max-ranks")
+    alexnet_small 8), or a layout of twice that many ranks other than all stages x 2 replicas.
+    The datasets of these configs are not on this machine: plan must not need them."""
+    code, out, err = plan(capsys, "--config", config, "--json")
     assert code == 0, err
-    assert out == f"{expected}\n", out
+    assert json.loads(out)["max_stages"] == expected
+    code, out, err = plan(capsys, "--config", config, "--world-size", str(2 * expected))
+    assert code == 0, err
+    assert out == f"{expected} 2\n", out
 
 
 @pytest.mark.parametrize("widths", [[64], [256, 256, 256], [32, 32, 32, 32, 32, 32]])
@@ -50,7 +54,7 @@ def test_plan_mlp_has_one_block_per_width_plus_output(capsys, widths):
     code, out, err = plan(capsys, "--set", "model.name=mlp", "--set", f"model.widths={widths}",
                           "--set", "data.name=synthetic", "--set", "data.synthetic_shape=[20]", "--json")
     assert code == 0, err
-    assert json.loads(out) == {"model": "mlp", "num_blocks": len(widths) + 1, "max_ranks": len(widths) + 1}
+    assert json.loads(out) == {"model": "mlp", "num_blocks": len(widths) + 1, "max_stages": len(widths) + 1}
 
 
 def test_plan_lists_the_blocks_in_order(capsys):
@@ -66,7 +70,8 @@ def test_plan_lists_the_blocks_in_order(capsys):
 def test_plan_config_typo_is_a_clean_error():
     """Pinpoints a config typo in `plan` giving a traceback, exit code other than 2, or anything on
     stdout (launchers read stdout as the rank count); the real command line, as launchers run it."""
-    proc = subprocess.run([sys.executable, "-m", "parallel_dkp", "plan", "--max-ranks", "--set", "model.nmae=conv2"],
+    proc = subprocess.run([sys.executable, "-m", "parallel_dkp", "plan", "--world-size", "2", "--set",
+                           "model.nmae=conv2"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -76,11 +81,11 @@ def test_plan_config_typo_is_a_clean_error():
 
 def test_plan_takes_train_options_and_honours_partition(capsys):
     """Pinpoints `plan` rejecting a train option the launchers pass on (--resume), ignoring an
-    explicit parallel.partition (world size = its length), or accepting one that does not add up
+    explicit parallel.partition (stages = its length), or accepting one that does not add up
     to the model's blocks (that must be a config error naming the fix, exit 2)."""
-    code, out, err = plan(capsys, "--resume", "--set", "parallel.partition=[1, 3]", "--max-ranks")
-    assert (code, out) == (0, "2\n"), err
-    code, out, err = plan(capsys, "--set", "parallel.partition=[1, 1]", "--max-ranks")
+    code, out, err = plan(capsys, "--resume", "--set", "parallel.partition=[1, 3]", "--world-size", "2")
+    assert (code, out) == (0, "2 1\n"), err
+    code, out, err = plan(capsys, "--set", "parallel.partition=[1, 1]", "--world-size", "2")
     assert code == 2 and out == "", out
     assert "config error" in err and "must add up to 4" in err, err
 
@@ -104,4 +109,4 @@ def test_plan_builds_no_block(monkeypatch):
 
     for helper in ("_conv_block", "_fc_block", "_output_block"):
         monkeypatch.setattr(blocks_module, helper, refuse)
-    assert make_plan(load_config(REPO / "configs" / "tiny_imagenet_alexnet.toml")).max_ranks == 8
+    assert make_plan(load_config(REPO / "configs" / "tiny_imagenet_alexnet.toml")).max_stages == 8

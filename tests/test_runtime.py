@@ -118,7 +118,8 @@ def test_device_values_are_read_once_per_log_interval(monkeypatch):
 
     from parallel_dkp.guard import NonFiniteGuard
 
-    job = train_module.build_job(_tiny_config("dkp", "run.log_every=3", "run.max_steps=7"), DistContext())
+    job = train_module.build_job(_tiny_config("dkp", "run.log_every=3", "run.max_steps=7", "run.progress=true"),
+                                 DistContext())
     reads, checks = [], []
     real_read, real_report = StepMetrics.read, NonFiniteGuard.report
     monkeypatch.setattr(StepMetrics, "read", lambda self: reads.append(self.count) or real_read(self))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from parallel_dkp.config import Config, load_config
 from parallel_dkp.parallel.distributed import DistContext, init_distributed
-from parallel_dkp.train import build_job, evaluate, train_step
+from parallel_dkp.train import build_job, evaluate, read_sums, train_step
 
 
 def small_config(rule: str, *, partition=(), microbatches=2, extra=()) -> Config:
@@ -31,9 +31,10 @@ def run_steps(cfg: Config, ctx: DistContext, steps: int) -> dict:
         if step == steps:
             break
         train_step(job, x, y)
-    result = evaluate(job)
+    result = read_sums(job, evaluate(job))  # over the replicas, when there are several
     return {"state": {k: v.detach().clone() for k, v in job.stage.global_state_dict().items()},
-            "eval": list(result.read()), "partition": [list(r) for r in job.partition]}
+            "eval": list(result), "partition": [list(r) for r in job.partition],
+            "stage": ctx.stage, "replica": ctx.replica}
 
 
 def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], partition, microbatches: int, steps: int,
@@ -139,3 +140,41 @@ def train_balanced_models(rank: int, world_size: int, out_dir: str, models: list
             ctx = init_distributed(cfg.parallel, cfg.run)
             torch.save(run_steps(cfg, ctx, steps), Path(out_dir) / f"{model}-{rule}-rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def layout_config(rule: str, stages: int, replicas: int, *, microbatches: int, extra=()) -> Config:
+    return small_config(rule, microbatches=microbatches,
+                        extra=[f"parallel.stages={stages}", f"parallel.replicas={replicas}", *extra])
+
+
+def train_layout(rank: int, world_size: int, out_dir: str, rules: list[str], stages: int, replicas: int,
+                 microbatches: int, steps: int, extra=()):
+    """``run_steps`` for every rule on a ``stages`` x ``replicas`` mesh; ``{rule}-rank{r}.pt``."""
+    for rule in rules:
+        cfg = layout_config(rule, stages, replicas, microbatches=microbatches, extra=extra)
+        ctx = init_distributed(cfg.parallel, cfg.run)
+        torch.save(run_steps(cfg, ctx, steps), Path(out_dir) / f"{rule}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def replica_dies(rank: int, world_size: int, out_dir: str, rule: str, dying_rank: int):
+    """On a 2 x 2 mesh, ``dying_rank`` crashes after one step; every other rank must stop with a
+    clear error within the timeout."""
+    cfg = layout_config(rule, 2, 2, microbatches=2, extra=["parallel.timeout_s=20", "data.synthetic_size=640"])
+    ctx = init_distributed(cfg.parallel, cfg.run)
+    job = build_job(cfg, ctx)
+    batches = iter(job.train_loader)
+    x, y = next(batches)
+    train_step(job, x, y)
+    if rank == dying_rank:
+        os._exit(3)
+    start = time.perf_counter()
+    try:
+        for x, y in batches:
+            train_step(job, x, y)
+    except Exception as err:  # noqa: BLE001 - the test inspects what was raised
+        record = {"type": type(err).__name__, "message": str(err), "seconds": time.perf_counter() - start}
+    else:
+        record = {"type": None, "message": "no error", "seconds": time.perf_counter() - start}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    os._exit(0)

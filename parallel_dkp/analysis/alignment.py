@@ -163,10 +163,10 @@ class AlignmentProbe:
 
     def _logits_everywhere(self, hidden, logits) -> torch.Tensor:
         """The last rank's logits on every rank (one broadcast on the error group)."""
-        if not self.ctx.distributed:
+        if not self.ctx.pipelined:
             return logits
         if logits is None:
-            batch = next(iter(hidden.values())).shape[0] if hidden else self.job.cfg.data.batch_size
+            batch = next(iter(hidden.values())).shape[0] if hidden else self.job.schedule.batch_size
             logits = torch.empty(batch, self.job.info.num_classes, device=self.job.schedule.device)
         handle = self.transport.broadcast_error(logits)
         handle.wait()
@@ -191,7 +191,7 @@ class AlignmentProbe:
         stage, last = self.stage, self.stage.num_blocks - 1
         output_alone = stage.is_last and stage.indices.start == last
         holds_last_hidden = last - 1 in stage.indices
-        if output_alone and self.ctx.distributed:
+        if output_alone and self.ctx.pipelined:
             self.transport.send_backward(_body(stage.blocks[-1])[-1].weight.detach())
             return None
         if holds_last_hidden and not stage.is_last:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -78,6 +79,40 @@ class EpochBatchSampler:
             yield list(range(index.start, index.stop)) if isinstance(index, slice) else index.tolist()
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which part of every epoch one data-parallel replica reads: ``index`` of ``count``.
+
+    ``split_batches`` (training): every global batch is cut into ``count`` equal consecutive
+    parts and replica ``index`` takes its part, so the replicas together train on exactly the
+    batches one process would, whatever the layout. Otherwise (evaluation, whose last batch may
+    be small) whole batches are dealt out in turn: batch ``i`` goes to replica ``i % count``.
+    """
+
+    index: int = 0
+    count: int = 1
+    split_batches: bool = True
+
+    def num_batches(self, total: int) -> int:
+        if self.split_batches or self.count == 1:
+            return total
+        return len(range(self.index, total, self.count))
+
+    def select(self, i: int, batch):
+        """This replica's part of global batch ``i`` (a tensor, list or slice), or ``None``."""
+        if self.count == 1:
+            return batch
+        if not self.split_batches:
+            return batch if i % self.count == self.index else None
+        size = (batch.stop - batch.start) if isinstance(batch, slice) else len(batch)
+        if size % self.count:
+            raise ValueError(f"a batch of {size} examples cannot be split evenly over {self.count} replicas")
+        part = size // self.count
+        if isinstance(batch, slice):
+            return slice(batch.start + self.index * part, batch.start + (self.index + 1) * part)
+        return batch[self.index * part:(self.index + 1) * part]
+
+
 class _ViewBatchSampler:
     """Batches of ``(index, params)`` keys for :class:`_ViewedDataset`: the indices of
     :class:`EpochBatchSampler`, each with its example's random numbers for ``view``.
@@ -89,15 +124,19 @@ class _ViewBatchSampler:
     def __init__(self, sampler: EpochBatchSampler, view: View):
         self.sampler = sampler
         self.view = view
+        self.shard = Shard()
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self.shard.num_batches(len(self.sampler))
 
     def __iter__(self) -> Iterator[list[tuple[int, Params]]]:
         sampler = self.sampler
         generator = epoch_generator(sampler.seed, sampler.epoch, _AUGMENT_STREAM) if self.view.random else None
-        for index in sampler:
-            yield list(zip(index, self.view.draw(len(index), generator), strict=True))
+        for i, index in enumerate(sampler):
+            # Numbers are drawn for the whole global batch, then sharded: layout-independent.
+            keys = self.shard.select(i, list(zip(index, self.view.draw(len(index), generator), strict=True)))
+            if keys is not None:
+                yield keys
 
 
 class _ViewedDataset(Dataset):
@@ -115,6 +154,10 @@ class _ViewedDataset(Dataset):
         index, params = key
         x, y = self.dataset[index]
         return self.view.apply(x, params), y
+
+
+def _length(index: torch.Tensor | slice) -> int:
+    return index.stop - index.start if isinstance(index, slice) else len(index)
 
 
 class BatchLoader:
@@ -157,11 +200,13 @@ class BatchLoader:
             len(dataset), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed
         )
         self._next_epoch = 0
+        self._shard = Shard()
         self._dataloader = None
         if not isinstance(dataset, TensorImageDataset):
+            self._view_sampler = _ViewBatchSampler(self.sampler, self.view)
             self._dataloader = DataLoader(
                 _ViewedDataset(dataset, self.view),
-                batch_sampler=_ViewBatchSampler(self.sampler, self.view),
+                batch_sampler=self._view_sampler,
                 num_workers=num_workers,
                 # Without a generator, every epoch draws the workers' base seed from the
                 # global RNG, which would make model initialisation depend on data loading.
@@ -169,7 +214,18 @@ class BatchLoader:
             )
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self._shard.num_batches(len(self.sampler))
+
+    def shard(self, index: int, count: int, *, split_batches: bool) -> None:
+        """From now on yield only replica ``index`` of ``count``'s part of every epoch (see
+        :class:`Shard`); batches hold ``batch_size / count`` examples when ``split_batches``."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index} of {count} does not exist")
+        if split_batches and self.batch_size % count:
+            raise ValueError(f"data.batch_size ({self.batch_size}) cannot be split evenly over {count} replicas")
+        self._shard = Shard(index, count, split_batches)
+        if self._dataloader is not None:
+            self._view_sampler.shard = self._shard
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` produce epoch ``epoch``."""
@@ -183,10 +239,16 @@ class BatchLoader:
     def _tensor_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset: TensorImageDataset = self.dataset
         generator = epoch_generator(self.seed, epoch, _AUGMENT_STREAM) if self.view.random else None
-        for index in self.sampler.index_batches(epoch):
-            x = dataset.x[index]
-            params = self.view.draw(len(x), generator) if generator is not None else None
-            yield self.view.apply_batch(x, params), dataset.y[index]
+        for i, index in enumerate(self.sampler.index_batches(epoch)):
+            # Numbers are drawn for the whole global batch, then sharded: layout-independent.
+            params = self.view.draw(_length(index), generator) if generator is not None else None
+            mine = self._shard.select(i, index)
+            if mine is None:
+                continue
+            if params is not None:
+                params = self._shard.select(i, params)
+            x = dataset.x[mine]
+            yield self.view.apply_batch(x, params), dataset.y[mine]
 
     def _loader_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)

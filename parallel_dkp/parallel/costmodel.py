@@ -9,13 +9,21 @@ the slowest stage finishes. Inputs are measured (``costs.measure_block_phases`` 
 * ``backward`` B — its backprop backward (input gradient included, except for block 0);
 * ``update`` U — its direct-rule local update (``e·B_j``, the backward inside the block, ``eᵀa_j``;
   for the output block: the output error and its backward);
-* ``optim_bp`` / ``optim_direct`` — its optimizer step (once per step), and the bytes it sends on.
+* ``optim_bp`` / ``optim_direct`` — its optimizer step (once per step), and the bytes it sends on;
+* ``weight_bytes`` / ``feedback_bytes`` — what its replicas average after a step: the gradients of
+  its weights (and its BN statistics), and of its learned feedback matrix (direct rules).
 
 Communication follows a rendezvous model (gloo and NCCL both move a message once the receiver
 has posted its receive): a message of ``n`` bytes completes at ``max(send posted, receive
 posted) + latency + n / bandwidth`` and costs the sender and receiver nothing else. Compute on
 one rank is sequential. With a balanced pipeline and no communication the model reduces to the
 closed forms (tested): GPipe ``(M+N-1)(F+B)``, direct ``M(F+U) + (N-1)F``.
+
+Stages × replicas: every replica runs the same program on its own shard, so one pipeline is
+replayed and each stage, once its last local update (or backward) is done, spends a ring
+all-reduce of its bytes over its ``R`` replicas, ``2(R-1)·(latency + n/(R·bandwidth))``, before
+its optimizer step. Stages reduce independently, so one stage's reduction overlaps with the
+others' remaining work; the step ends when the slowest stage has stepped.
 """
 
 from __future__ import annotations
@@ -55,10 +63,18 @@ class BlockCosts:
     """Bytes of each block's output for one micro-batch (what a stage boundary after it sends)."""
     error_bytes: float = 0.0
     """Bytes of one micro-batch's output error (broadcast by the last stage)."""
+    weight_bytes: Sequence[float] = ()
+    """Bytes each block's replicas average per step: its weights' gradients and BN statistics
+    (empty: not measured, taken as 0)."""
+    feedback_bytes: Sequence[float] = ()
+    """Bytes of each block's learned feedback gradient (DKP's ``B_j``), averaged by the direct rules."""
 
     def __post_init__(self) -> None:
+        for name in ("weight_bytes", "feedback_bytes"):
+            if not len(getattr(self, name)):
+                object.__setattr__(self, name, [0.0] * len(self.forward))
         sizes = {len(v) for v in (self.forward, self.backward, self.update, self.optim_bp, self.optim_direct,
-                                  self.out_bytes)}
+                                  self.out_bytes, self.weight_bytes, self.feedback_bytes)}
         if len(sizes) != 1:
             raise ValueError(f"BlockCosts lists must all have one entry per block, got lengths {sorted(sizes)}")
 
@@ -68,7 +84,8 @@ class BlockCosts:
 
     def as_dict(self) -> dict:
         return {k: list(getattr(self, k)) if k != "error_bytes" else self.error_bytes
-                for k in ("forward", "backward", "update", "optim_bp", "optim_direct", "out_bytes", "error_bytes")}
+                for k in ("forward", "backward", "update", "optim_bp", "optim_direct", "out_bytes", "error_bytes",
+                          "weight_bytes", "feedback_bytes")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "BlockCosts":
@@ -82,7 +99,8 @@ class BlockCosts:
         idx = [0] + [self.num_blocks // 2] * (num_blocks - 2) + [self.num_blocks - 1]
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return BlockCosts(pick(self.forward), pick(self.backward), pick(self.update), pick(self.optim_bp),
-                          pick(self.optim_direct), pick(self.out_bytes), self.error_bytes)
+                          pick(self.optim_direct), pick(self.out_bytes), self.error_bytes, pick(self.weight_bytes),
+                          pick(self.feedback_bytes))
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,8 @@ class StageCosts:
     optim: float
     send_bytes: float
     """Bytes of the stage's output per micro-batch (0 on the last stage)."""
+    reduce_bytes: float = 0.0
+    """Bytes the stage's replicas average after a step."""
 
 
 def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -> list[StageCosts]:
@@ -113,6 +133,8 @@ def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -
             update_output=costs.update[last] if last in r else 0.0,
             optim=sum(optim[i] for i in r),
             send_bytes=0.0 if last in r else costs.out_bytes[r.stop - 1],
+            reduce_bytes=sum(costs.weight_bytes[i] + (costs.feedback_bytes[i] if method == "direct" else 0.0)
+                             for i in r),
         ))
     return stages
 
@@ -329,7 +351,15 @@ def _one_f_one_b(p: _Program, M: int) -> None:
     p.wait(in_flight)
 
 
-def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, error_bytes: float) -> list[list[_Op]]:
+def allreduce_seconds(num_bytes: float, replicas: int, link: Link) -> float:
+    """A ring all-reduce of ``num_bytes`` over ``replicas`` ranks: ``2(R-1)`` transfers of ``n/R``."""
+    if replicas <= 1 or not num_bytes:
+        return 0.0
+    return 2 * (replicas - 1) * link.seconds(num_bytes / replicas)
+
+
+def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, error_bytes: float,
+              replicas: int = 1, reduce_link: Link = Link()) -> list[list[_Op]]:
     n = len(stages)
     for m in range(M):
         sizes[("err", m)] = error_bytes
@@ -345,26 +375,30 @@ def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, err
             _gpipe(p, M)
         else:
             _one_f_one_b(p, M)
+        p.compute(allreduce_seconds(cost.reduce_bytes, replicas, reduce_link))  # over the stage's replicas
         p.compute(cost.optim)  # the optimizer step, once the stage's gradients are complete
         programs.append(p.ops)
     return programs
 
 
 def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, link: Link = Link(),
-             error_bytes: float = 0.0) -> float:
-    """Predicted seconds of one training step (the slowest stage's finish)."""
+             error_bytes: float = 0.0, replicas: int = 1, reduce_link: Link | None = None) -> float:
+    """Predicted seconds of one training step (the slowest stage's finish), on every replica
+    (each its own pipeline of ``stages``); ``reduce_link`` (default ``link``) carries the
+    gradient all-reduce among a stage's ``replicas``."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if microbatches < 1:
-        raise ValueError(f"microbatches = {microbatches} must be >= 1")
+    if microbatches < 1 or replicas < 1:
+        raise ValueError(f"microbatches = {microbatches} and replicas = {replicas} must be >= 1")
     sizes: dict = {}
-    programs = _programs(list(stages), microbatches, method, sizes, error_bytes)
+    programs = _programs(list(stages), microbatches, method, sizes, error_bytes, replicas, reduce_link or link)
     return max(_Replay(programs, link, sizes).run())
 
 
 def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),
-            partition: Sequence[range] | None = None) -> float:
-    """Predicted step seconds of ``method`` on ``ranks`` stages. Without an explicit
+            partition: Sequence[range] | None = None, replicas: int = 1, reduce_link: Link | None = None) -> float:
+    """Predicted step seconds of ``method`` on ``ranks`` stages (of ``replicas`` replicas each,
+    every replica on a micro-batch of the size ``costs`` were measured at). Without an explicit
     ``partition`` the stages are balanced on what the method pays per block, as the runtime
     does: forward + local update for the direct rules, forward + backward for backprop."""
     if partition is None:
@@ -372,7 +406,7 @@ def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method,
         weights = [f + b for f, b in zip(costs.forward, second)]
         partition = balanced_partition(weights, world_size=ranks)
     return simulate(stage_costs(costs, partition, method), microbatches=microbatches, method=method, link=link,
-                    error_bytes=costs.error_bytes)
+                    error_bytes=costs.error_bytes, replicas=replicas, reduce_link=reduce_link)
 
 
 def ideal_direct_speedup(forward: float, update: float, *, ranks: int, microbatches: int) -> float:

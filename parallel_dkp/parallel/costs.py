@@ -68,17 +68,17 @@ def choose_partition(
     microbatch: int,
     input_grads: bool = True,
 ) -> list[range]:
-    """Explicit block counts per rank, or a balance of measured costs agreed on by all ranks
+    """Explicit block counts per stage (``ctx.stages`` of them), or a balance of measured costs agreed on by all ranks
     (``input_grads``: see :func:`measure_block_costs`)."""
     num_blocks = len(blocks)
     if counts:
-        return explicit_partition(counts, num_blocks=num_blocks, world_size=ctx.world_size)
-    check_world_size(num_blocks=num_blocks, world_size=ctx.world_size)
-    if not ctx.distributed:
+        return explicit_partition(counts, num_blocks=num_blocks, world_size=ctx.stages)
+    check_world_size(num_blocks=num_blocks, world_size=ctx.stages)
+    if not ctx.pipelined:
         return [range(num_blocks)]
     costs = measure_block_costs(blocks, input_shape=input_shape, batch=microbatch, input_grads=input_grads)
     # Timings differ between ranks; every rank must cut at the same places, so rank 0 decides.
-    return balanced_partition(ctx.broadcast_object(costs, src=0), world_size=ctx.world_size)
+    return balanced_partition(ctx.broadcast_object(costs, src=0), world_size=ctx.stages)
 
 
 def measure_block_phases(
@@ -162,5 +162,20 @@ def measure_block_phases(
             timed("optim_direct", i, opt.step)
     median = {k: [statistics.median(s[1:]) for s in v] for k, v in samples.items()}
     item = x.element_size()
+
+    weight_bytes, feedback_bytes = averaged_bytes(dk)
     return BlockCosts(**median, out_bytes=[len(x) * math.prod(s) * item for s in shapes],
-                      error_bytes=len(x) * num_classes * item)
+                      error_bytes=len(x) * num_classes * item, weight_bytes=weight_bytes,
+                      feedback_bytes=feedback_bytes)
+
+
+def averaged_bytes(stage) -> tuple[list[float], list[float]]:
+    """Per block of ``stage``, the bytes its replicas average after every step
+    (:class:`~parallel_dkp.parallel.mesh.ReplicaAverager`): the trained weights' gradients with the
+    BN statistics, and the learned feedback's gradient (0 where the rule learns none)."""
+    def nbytes(tensors) -> float:
+        return float(sum(t.numel() * t.element_size() for t in tensors))
+
+    weights = [nbytes(forward_parameters(b)) + nbytes(t for t in b.buffers() if t.is_floating_point())
+               for b in stage.blocks]
+    return weights, [nbytes(feedback_parameters(b)) for b in stage.blocks]

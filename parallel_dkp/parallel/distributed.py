@@ -13,37 +13,103 @@ import torch
 import torch.distributed as dist
 
 from parallel_dkp.config import ParallelConfig, RunConfig
+from parallel_dkp.parallel.mesh import Layout
 
 
 @dataclass
 class DistContext:
-    """Where this process stands. ``world_size == 1`` is the single-process fallback."""
+    """Where this process stands. ``world_size == 1`` is the single-process fallback.
+
+    ``layout`` places the ranks on a stages × replicas grid (:mod:`parallel_dkp.parallel.mesh`);
+    until :meth:`use_layout` is called every rank is a stage of one pipeline.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    layout: Layout | None = None
+    pipeline_group: object = None
+    """This replica's pipeline (``None``: the whole world, when there is one replica)."""
+    replica_group: object = None
+    """This stage's replicas (``None`` when there is one replica)."""
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = Layout(stages=self.world_size, replicas=1)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.layout.coords(self.rank)[0]
+
+    @property
+    def replica(self) -> int:
+        """Which copy of its stage this rank is (0 … replicas-1)."""
+        return self.layout.coords(self.rank)[1]
+
+    @property
+    def stages(self) -> int:
+        return self.layout.stages
+
+    @property
+    def replicas(self) -> int:
+        return self.layout.replicas
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether this rank's pipeline spans several ranks (activations and errors travel)."""
+        return self.layout.stages > 1
+
+    @property
     def is_last(self) -> bool:
-        """The last rank owns the output block, the loss, the logs and the metrics."""
-        return self.rank == self.world_size - 1
+        """This rank holds its pipeline's last stage: the output block and the loss."""
+        return self.stage == self.stages - 1
+
+    @property
+    def reports(self) -> bool:
+        """The one rank that prints, logs metrics and writes manifests: replica 0's last stage."""
+        return self.is_last and self.replica == 0
 
     @property
     def last_rank(self) -> int:
-        return self.world_size - 1
+        """The global rank of this pipeline's last stage (the source of the error broadcast)."""
+        return self.layout.rank(self.stages - 1, self.replica)
+
+    def pipeline_rank(self, stage: int) -> int:
+        """The global rank of ``stage`` in this rank's pipeline."""
+        return self.layout.rank(stage, self.replica)
+
+    def use_layout(self, layout: Layout, timeout_s: float) -> None:
+        """Place the ranks on ``layout`` and build its process groups (collective: every rank
+        calls it with the same layout at the same point of its program)."""
+        if layout.world_size != self.world_size:
+            raise ValueError(f"layout {layout} does not have {self.world_size} ranks")
+        if layout == self.layout and (layout.replicas == 1 or self.replica_group is not None):
+            return
+        self.layout = layout
+        self.pipeline_group = self.replica_group = None
+        if layout.replicas > 1:
+            self.pipeline_group = self.group_of(layout.pipelines(), timeout_s)
+            self.replica_group = self.group_of(layout.stage_groups(), timeout_s)
+
+    def group_of(self, families: list[list[int]], timeout_s: float):
+        """A process group per rank list of ``families`` (disjoint, covering the world); returns
+        the one holding this rank. Collective: every rank creates every group, in order."""
+        mine = None
+        for ranks in families:
+            group = dist.new_group(ranks=ranks, backend=self.backend, timeout=timedelta(seconds=timeout_s))
+            if self.rank in ranks:
+                mine = group
+        return mine
 
     # World-level collectives used outside the training step (setup, reports, benchmarks).
     # On a single process each one is the identity.
-
-    def new_group(self, timeout_s: float):
-        """A new process group over all ranks (collective: every rank calls it in the same order)."""
-        return dist.new_group(backend=self.backend, timeout=timedelta(seconds=timeout_s))
 
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` of rank ``src``, on every rank."""

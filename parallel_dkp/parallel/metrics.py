@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -54,3 +55,15 @@ class StepMetrics:
             return 0.0, 0, self.count
         loss_sum, correct = torch.stack([self.loss_sum, self.correct.double()]).tolist()
         return loss_sum, int(correct), self.count
+
+    def read_summed(self, group, device: torch.device) -> tuple[float, int, int]:
+        """``read`` of the sums of every rank in ``group`` (the replicas of a stage); a collective,
+        and one host synchronisation."""
+        if self.loss_sum is None:
+            values = torch.zeros(3, dtype=torch.float64, device=device)
+        else:
+            values = torch.stack([self.loss_sum, self.correct.double(),
+                                  torch.tensor(float(self.count), dtype=torch.float64, device=device)])
+        dist.all_reduce(values, group=group)
+        loss_sum, correct, count = values.tolist()
+        return loss_sum, int(correct), int(count)

@@ -1,4 +1,4 @@
-"""Splitting a block list into contiguous stages, one per rank. Pure functions, no torch.distributed."""
+"""Splitting a block list into contiguous pipeline stages. Pure functions, no torch.distributed."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from typing import Sequence
 
 
 def explicit_partition(counts: Sequence[int], *, num_blocks: int, world_size: int) -> list[range]:
-    """Stages from block counts per rank, e.g. ``(2, 2)`` → ``[range(0, 2), range(2, 4)]``."""
+    """Stages from block counts per stage, e.g. ``(2, 2)`` → ``[range(0, 2), range(2, 4)]``."""
     if len(counts) != world_size:
         raise ValueError(
-            f"parallel.partition {list(counts)} has {len(counts)} entries but the world size is "
-            f"{world_size}; give one block count per rank"
+            f"parallel.partition {list(counts)} has {len(counts)} entries but there are {world_size} pipeline "
+            "stages (parallel.stages; with parallel.replicas = 1, the world size); give one block count per stage"
         )
     if any(c < 1 for c in counts):
         raise ValueError(f"parallel.partition {list(counts)}: every rank needs at least one block")

@@ -18,7 +18,9 @@ Every schedule has the same small interface (``train_step``, ``eval_step``) and 
 ``"chain"`` → :class:`SerialSchedule` on one process (the micro-batches through one chained
 backward), :class:`PipelinedSerialSchedule` across ranks (``torch.distributed.pipelining``,
 GPipe or 1F1B). World size 1 runs the very same code with nothing to send, so a multi-rank
-run reproduces the single-process run.
+run reproduces the single-process run. With several replicas each runs these schedules on its
+own shard of the batch, inside its own pipeline; averaging the gradients over replicas is the
+caller's (``train.train_step``, :class:`~parallel_dkp.parallel.mesh.ReplicaAverager`).
 
 The caller zeroes the gradients before a step and steps the optimizers after it. No schedule
 reads a value back to the host: the returned :class:`StepMetrics` stay on the device.
@@ -159,8 +161,9 @@ class PipelinedSerialSchedule(Schedule):
             # move the BN running statistics; newer versions infer it from the first micro-batch
             # (and treat a given output_args as a fully static stage, which breaks the loss stage).
             shapes["output_args"] = (torch.zeros(microbatch, *self._out_shape, device=self.device),)
-        stage = PipelineStage(_DefaultLayout(self.stage), self._ctx.rank, self._ctx.world_size, self.device,
-                              **shapes)
+        # One pipeline per replica: its P2P runs on that replica's group (the world with one replica).
+        stage = PipelineStage(_DefaultLayout(self.stage), self._ctx.stage, self._ctx.stages, self.device,
+                              group=self._ctx.pipeline_group, **shapes)
         cls = _pipelining_schedule_class(self._name)
         kwargs = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
         self._pipeline = cls(stage, self.microbatches, loss_fn=loss_fn, **kwargs)
@@ -242,7 +245,7 @@ class DirectSchedule(_UnlockedSchedule):
         x, y = self._start(x, y)
         metrics, total = StepMetrics(), len(y)
         pending: deque[tuple[list, torch.Tensor, Handle | None]] = deque()
-        lag = update_lag(self.transport.ctx.rank, self.transport.ctx.world_size)
+        lag = update_lag(self.transport.ctx.stage, self.transport.ctx.stages)
         for slot, (x_m, y_m) in enumerate(zip(x.chunk(self.microbatches), y.chunk(self.microbatches))):
             out, hidden = self._forward(x_m, len(y_m), slot)
             if self.stage.is_last:
@@ -306,7 +309,7 @@ def build_schedule(
     signal = stage.rule.signal
     if signal in _UNLOCKED:
         return _UNLOCKED[signal](stage, transport, **common)
-    if not ctx.distributed:
+    if not ctx.pipelined:
         return SerialSchedule(stage, transport, **common)
     return PipelinedSerialSchedule(
         stage, transport, ctx=ctx, in_shape=in_shape, out_shape=out_shape, schedule=pipeline_schedule, **common

@@ -19,11 +19,13 @@ from collections import defaultdict
 
 import torch
 
-PHASES = ("forward", "update", "pipeline", "wait", "send", "optim")
-PHASE_LABELS = ("fwd", "upd", "pipe", "wait", "send", "opt")  # short column titles
+PHASES = ("forward", "update", "pipeline", "wait", "send", "reduce", "optim")
+PHASE_LABELS = ("fwd", "upd", "pipe", "wait", "send", "red", "opt")  # short column titles
 """``update``: output backward and local updates (direct rules) or the serial backward;
 ``pipeline``: a whole step inside torch.distributed.pipelining (its phases are not split);
-``wait``: blocked on a receive or on the error broadcast; ``send``: completing sends."""
+``wait``: blocked on a receive or on the error broadcast; ``send``: completing sends;
+``reduce``: waiting for the gradient average over the stage's replicas (what of it did not
+overlap with other work)."""
 
 
 class NoTimer:

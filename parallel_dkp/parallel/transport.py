@@ -1,9 +1,11 @@
 """Rank-to-rank transport of the layer-parallel pipeline: the only place that moves tensors.
 
-A stage talks to its two neighbours (activations forward, P2P) and, for the direct rules, to
-everybody at once (the output error, broadcast from the last stage on a process group of its
-own, so that it never interleaves with the P2P traffic). On a single process every stage is
-both first and last: nothing is sent and ``broadcast_error`` returns no handle.
+A stage talks to its two neighbours in its pipeline (activations forward, P2P) and, for the
+direct rules, to the whole pipeline at once (the output error, broadcast from the last stage
+on a process group of its own, so that it never interleaves with the P2P traffic). With
+several replicas each pipeline is a column of the stages × replicas grid and talks only
+within itself. On a single process, or a single stage, every stage is both first and last:
+nothing is sent and ``broadcast_error`` returns no handle.
 
 Shapes are fixed per stage: training micro-batches all have the same size, and evaluation
 batches take their size from the batch every rank reads from its own test loader (so no size
@@ -38,12 +40,13 @@ class Transport:
         # With run.channels_last every 4-D activation crosses in NHWC storage order (every rank
         # agrees, they share the config): nothing is re-laid out on either side of a boundary.
         self.channels_last = channels_last
-        self.prev_rank = None if is_first else ctx.rank - 1
-        self.next_rank = None if is_last else ctx.rank + 1
+        self.prev_rank = None if is_first else ctx.pipeline_rank(ctx.stage - 1)
+        self.next_rank = None if is_last else ctx.pipeline_rank(ctx.stage + 1)
         self.error_group = None
-        if ctx.distributed:
-            # Collective: every rank builds its transport at the same point of its program.
-            self.error_group = ctx.new_group(timeout_s)
+        if ctx.pipelined:
+            # Collective: every rank builds its transport at the same point of its program. One
+            # group per replica's pipeline, apart from the P2P traffic.
+            self.error_group = ctx.group_of(ctx.layout.pipelines(), timeout_s)
         self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (wire, as used)
         self._sends: list[Handle] = []
 
@@ -105,8 +108,9 @@ class Transport:
     # ---------------------------------------------------------------- the output error
 
     def broadcast_error(self, error_BK: torch.Tensor) -> Handle | None:
-        """Asynchronous broadcast of ``e`` from the last stage into ``error_BK`` on every rank."""
-        if not self.ctx.distributed:
+        """Asynchronous broadcast of ``e`` from the last stage into ``error_BK`` on every rank of
+        this pipeline."""
+        if not self.ctx.pipelined:
             return None
         return dist.broadcast(error_BK, src=self.ctx.last_rank, group=self.error_group, async_op=True)
 
