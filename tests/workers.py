@@ -50,12 +50,18 @@ def train_rules(rank: int, world_size: int, out_dir: str, rules: list[str], part
 def die_after_one_step(rank: int, world_size: int, out_dir: str, rule: str):
     """Rank 0 crashes after one step; the others must fail with a clear error, not hang."""
     cfg = small_config(rule, extra=["parallel.timeout_s=20", "data.synthetic_size=640"])
+    _one_rank_dies(rank, cfg, out_dir, dying_rank=0)
+
+
+def _one_rank_dies(rank: int, cfg: Config, out_dir: str, *, dying_rank: int):
+    """All ranks train one step, then ``dying_rank`` exits with code 3 and the others train on;
+    each survivor writes ``rank{r}.json``: what it raised, and how long after the death."""
     ctx = init_distributed(cfg.parallel, cfg.run)
     job = build_job(cfg, ctx)
     batches = iter(job.train_loader)
     x, y = next(batches)
     train_step(job, x, y)
-    if rank == 0:
+    if rank == dying_rank:
         os._exit(3)
     start = time.perf_counter()
     try:
@@ -161,20 +167,4 @@ def replica_dies(rank: int, world_size: int, out_dir: str, rule: str, dying_rank
     """On a 2 x 2 mesh, ``dying_rank`` crashes after one step; every other rank must stop with a
     clear error within the timeout."""
     cfg = layout_config(rule, 2, 2, microbatches=2, extra=["parallel.timeout_s=20", "data.synthetic_size=640"])
-    ctx = init_distributed(cfg.parallel, cfg.run)
-    job = build_job(cfg, ctx)
-    batches = iter(job.train_loader)
-    x, y = next(batches)
-    train_step(job, x, y)
-    if rank == dying_rank:
-        os._exit(3)
-    start = time.perf_counter()
-    try:
-        for x, y in batches:
-            train_step(job, x, y)
-    except Exception as err:  # noqa: BLE001 - the test inspects what was raised
-        record = {"type": type(err).__name__, "message": str(err), "seconds": time.perf_counter() - start}
-    else:
-        record = {"type": None, "message": "no error", "seconds": time.perf_counter() - start}
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
-    os._exit(0)
+    _one_rank_dies(rank, cfg, out_dir, dying_rank=dying_rank)
