@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from multirank import spawn
-from workers import layout_config, replica_dies, run_steps, small_config, train_layout
+from workers import describe_mesh, layout_config, replica_dies, run_steps, small_config, train_layout
 
 from parallel_dkp.data.common import TensorImageDataset
 from parallel_dkp.data.loader import BatchLoader
@@ -206,3 +206,16 @@ def test_a_dead_replica_stops_every_rank_with_a_clear_error(tmp_path, dying_rank
 def test_layout_config_round_trip():
     cfg = layout_config("dkp", 2, 2, microbatches=2)
     assert (cfg.parallel.stages, cfg.parallel.replicas) == (2, 2)
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(torch.__version__ < (2, 5), reason="DeviceMesh.from_group with two groups needs torch >= 2.5")
+def test_the_layout_is_a_device_mesh_over_the_runs_own_groups(tmp_path):
+    """Pinpoints a DeviceMesh view whose dimensions, ranks or groups disagree with the layout."""
+    spawn(describe_mesh, 4, str(tmp_path), timeout=120)
+    for rank in range(4):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        layout = Layout(2, 2)
+        assert (r["shape"], r["names"], r["grid"]) == ([2, 2], ["pp", "dp"], [[0, 1], [2, 3]])
+        assert r["dp"] == layout.replica_ranks(r["stage"]) and r["pp"] == layout.pipeline(r["replica"])
+        assert r["dp_sum"] == sum(layout.replica_ranks(r["stage"]))

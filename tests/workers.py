@@ -168,3 +168,22 @@ def replica_dies(rank: int, world_size: int, out_dir: str, rule: str, dying_rank
     clear error within the timeout."""
     cfg = layout_config(rule, 2, 2, microbatches=2, extra=["parallel.timeout_s=20", "data.synthetic_size=640"])
     _one_rank_dies(rank, cfg, out_dir, dying_rank=dying_rank)
+
+
+def describe_mesh(rank: int, world_size: int, out_dir: str):
+    """The DeviceMesh view of a 2 x 2 layout, as each rank sees it: ``rank{r}.json``."""
+    from parallel_dkp.parallel.mesh import Layout
+
+    cfg = layout_config("dkp", 2, 2, microbatches=2)
+    ctx = init_distributed(cfg.parallel, cfg.run)
+    ctx.use_layout(Layout(2, 2), timeout_s=20)
+    mesh = ctx.device_mesh()
+    record = {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names), "grid": mesh.mesh.tolist(),
+              "dp": dist.get_process_group_ranks(mesh.get_group("dp")),
+              "pp": dist.get_process_group_ranks(mesh.get_group("pp")),
+              "stage": ctx.stage, "replica": ctx.replica}
+    total = torch.ones(1) * rank
+    dist.all_reduce(total, group=mesh.get_group("dp"))  # the mesh's groups work
+    record["dp_sum"] = total.item()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()

@@ -98,6 +98,21 @@ class DistContext:
             self.pipeline_group = self.group_of(layout.pipelines(), timeout_s)
             self.replica_group = self.group_of(layout.stage_groups(), timeout_s)
 
+    def device_mesh(self):
+        """The layout as a ``torch.distributed.DeviceMesh`` of shape ``(stages, replicas)`` with
+        dimensions ``("pp", "dp")``, built on the run's own process groups (so it keeps their
+        timeouts), for tools that compose with meshes (DTensor, FSDP). Needs replicas > 1 (the
+        groups exist only then) and torch >= 2.5 (multi-dimensional ``DeviceMesh.from_group``)."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if self.replica_group is None:
+            raise ValueError(f"{self.layout}: a device mesh is built for runs with parallel.replicas > 1")
+        if torch.__version__ < (2, 5):
+            raise RuntimeError(f"DeviceMesh.from_group with two groups needs torch >= 2.5, not {torch.__version__}")
+        grid = torch.arange(self.world_size).view(self.stages, self.replicas)
+        return DeviceMesh.from_group([self.pipeline_group, self.replica_group], self.device.type, mesh=grid,
+                                     mesh_dim_names=("pp", "dp"))
+
     def group_of(self, families: list[list[int]], timeout_s: float):
         """A process group per rank list of ``families`` (disjoint, covering the world); returns
         the one holding this rank. Collective: every rank creates every group, in order."""

@@ -17,7 +17,8 @@ per stage, in the same order on every rank), the way Megatron builds its paralle
 rather than taken from ``init_device_mesh``: that takes no timeout (pytorch/pytorch#119613),
 so its sub-groups wait torch's 30-minute default (per-dimension options, ``backend_override``,
 exist only in torch releases from late 2025; we support 2.4 on), and a dead replica must stop
-every rank within ``parallel.timeout_s``.
+every rank within ``parallel.timeout_s``. ``DistContext.device_mesh()`` gives the layout as a
+``DeviceMesh`` (dimensions ``pp`` and ``dp``) built on these groups, for DTensor-based tools.
 """
 
 from __future__ import annotations
