@@ -56,6 +56,28 @@ def test_torchrun_two_ranks_writes_metrics_once(tmp_path, rule):
 
 
 @pytest.mark.multirank
+def test_torchrun_four_ranks_as_two_stages_of_two_replicas(tmp_path):
+    """Pinpoints a stages x replicas run that fails end to end, logs twice, counts an example
+    twice (or only one replica's), or leaves a checkpoint with a shard per rank instead of per
+    stage: 4 ranks, parallel.replicas=2, the whole command line under torchrun."""
+    out = tmp_path / "run"
+    proc = _torchrun(4, "train", *SMOKE, "--set", "parallel.replicas=2", "--set", "parallel.microbatches=2",
+                     "--set", "run.epochs=1", "--set", "run.max_steps=3", "--set", "run.profile=true",
+                     "--set", f"run.out_dir={out}", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 stage(s) x 2 replica(s))" in proc.stderr
+    assert proc.stderr.count("epoch 1: train loss") == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and (rows[0]["stages"], rows[0]["replicas"], rows[0]["world_size"]) == (2, 2, 4)
+    assert rows[0]["train_examples"] == 3 * 16  # 3 global batches of 16, 8 per replica
+    assert rows[0]["test_examples"] == 128 // 4  # synthetic test split, every example once
+    shards = sorted(p.name for p in (out / "checkpoints").glob("step-*/shard-*.pt"))
+    assert shards == ["shard-00.pt", "shard-01.pt"]
+    phases = json.loads((out / "phases.json").read_text())["ranks"]
+    assert sorted((r["stage"], r["replica"]) for r in phases) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["reduce"] >= 0 for r in phases)
+
+@pytest.mark.multirank
 def test_torchrun_bad_partition_fails_before_training(tmp_path):
     """Pinpoints a partition that does not fit the model being discovered late (or never)."""
     proc = _torchrun(2, "train", *SMOKE, "--set", "parallel.partition=[1, 2]", "--set", f"run.out_dir={tmp_path}")
