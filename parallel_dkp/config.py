@@ -78,6 +78,12 @@ class RunConfig:
     kernels of oneDNN (CPU) and cuDNN prefer. Measured on the 2-core CPU, one thread, batch 128:
     a bp step of conv2 22 % faster, convdeep 8 %. Results equal the default layout's up to float
     rounding. Activations cross ranks in the default layout."""
+    keep_freed_memory: bool = True
+    """glibc (Linux): serve tensors from the heap and keep freed memory for reuse, instead of
+    mapping each large tensor fresh from the OS and unmapping it when freed (page faults on every
+    step); what jemalloc or tcmalloc would give. Measured on the 2-core CPU: conv2 steps 1.3-1.6x
+    faster, and far steadier. The process keeps its peak memory, as GPU caching allocators do.
+    No effect elsewhere (``parallel_dkp.cpu_memory``)."""
     checkpoint_every: int = 0
     """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
     writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""

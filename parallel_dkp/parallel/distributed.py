@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from parallel_dkp.config import ParallelConfig, RunConfig
+from parallel_dkp.cpu_memory import keep_freed_memory
 from parallel_dkp.parallel.mesh import Layout
 
 
@@ -177,6 +178,8 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
         )
     if world_size > 1 and not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size}); launch with torchrun")
+    if run.keep_freed_memory:
+        keep_freed_memory()  # before the run allocates anything large
     device = resolve_device(run, local_rank)
     if world_size == 1:
         return DistContext(device=device)
