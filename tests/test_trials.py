@@ -260,7 +260,10 @@ def test_trials_ctrl_c_stops_children(tmp_path):
     longer = ["--set", "data.synthetic_size=512", "--set", "run.epochs=100000", "--rules", "dkp", "--seeds", "0",
               "--out", str(out)]
     command = [sys.executable, "-m", "parallel_dkp", "trials", "--config", CONFIG, *TINY, *longer]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's SIGINT as in a terminal: a test run started in the background by a script inherits
+    # SIGINT ignored (POSIX), and Python then raises no KeyboardInterrupt.
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "dkp" / "seed0" / "train.log"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "epoch 1:" not in (log.read_text() if log.is_file() else ""):
