@@ -79,6 +79,10 @@ class EpochBatchSampler:
             yield list(range(index.start, index.stop)) if isinstance(index, slice) else index.tolist()
 
 
+def _length(index: torch.Tensor | slice | list) -> int:
+    return index.stop - index.start if isinstance(index, slice) else len(index)
+
+
 @dataclass(frozen=True)
 class Shard:
     """Which part of every epoch one data-parallel replica reads: ``index`` of ``count``.
@@ -104,7 +108,7 @@ class Shard:
             return batch
         if not self.split_batches:
             return batch if i % self.count == self.index else None
-        size = (batch.stop - batch.start) if isinstance(batch, slice) else len(batch)
+        size = _length(batch)
         if size % self.count:
             raise ValueError(f"a batch of {size} examples cannot be split evenly over {self.count} replicas")
         part = size // self.count
@@ -154,10 +158,6 @@ class _ViewedDataset(Dataset):
         index, params = key
         x, y = self.dataset[index]
         return self.view.apply(x, params), y
-
-
-def _length(index: torch.Tensor | slice) -> int:
-    return index.stop - index.start if isinstance(index, slice) else len(index)
 
 
 class BatchLoader:
