@@ -55,7 +55,7 @@ _RESUMABLE_CHANGES = {
     "parallel": None,  # the whole section: any partition, schedule or rank count
     "analysis": None,  # measurements restore everything they touch
     "run": {"epochs", "progress", "log_every", "profile", "checkpoint_every", "keep_checkpoints", "device",
-            "out_dir", "on_nonfinite", "tensorboard", "keep_freed_memory"},
+            "out_dir", "on_nonfinite", "tensorboard", "keep_freed_memory", "bind_cores"},
 }
 
 

@@ -84,6 +84,12 @@ class RunConfig:
     step); what jemalloc or tcmalloc would give. Measured on the 2-core CPU: conv2 steps 1.3-1.6x
     faster, and far steadier. The process keeps its peak memory, as GPU caching allocators do.
     No effect elsewhere (``parallel_dkp.cpu_memory``)."""
+    bind_cores: bool = True
+    """CPU runs with several ranks on one host: bind each rank (its threads, gloo's included) to
+    its own equal share of the host's cores, as MPI's ``--bind-to core`` does, and cap its
+    intra-op threads at that share. Measured on the 2-core CPU, 2 ranks: vit steps 11 % faster,
+    convdeep 14 %, and steadier. Skipped when there are fewer cores than ranks, and on GPUs
+    (``parallel_dkp.parallel.affinity``)."""
     checkpoint_every: int = 0
     """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
     writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""

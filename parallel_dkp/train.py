@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -459,6 +460,7 @@ def _report_phases(job: Job, console: Console, out_dir: Path) -> None:
     summary["rank"] = job.ctx.rank
     summary["stage"], summary["replica"] = job.ctx.stage, job.ctx.replica
     summary["blocks"] = [job.partition[job.ctx.stage].start, job.partition[job.ctx.stage].stop]
+    summary["cores"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     rows = job.ctx.all_gather_object(summary)
     if not job.ctx.reports or not rows[0].get("step"):
         return

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from parallel_dkp.config import ParallelConfig, RunConfig
 from parallel_dkp.cpu_memory import keep_freed_memory
+from parallel_dkp.parallel.affinity import bind_local_rank
 from parallel_dkp.parallel.mesh import Layout
 
 
@@ -181,6 +182,8 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
     if run.keep_freed_memory:
         keep_freed_memory()  # before the run allocates anything large
     device = resolve_device(run, local_rank)
+    if run.bind_cores and device.type == "cpu":
+        bind_local_rank(local_rank, _env_int("LOCAL_WORLD_SIZE", 1))  # before gloo starts its threads
     if world_size == 1:
         return DistContext(device=device)
 

@@ -223,8 +223,8 @@ class _UnlockedSchedule(Schedule):
         return out, hidden
 
     def _recv(self, batch: int, slot: int) -> torch.Tensor:
-        with self.timer.phase("wait"):
-            return self.transport.recv_activation(batch, slot)
+        with self.timer.phase("wait"):  # and post the next micro-batch's receive before computing
+            return self.transport.recv_activation(batch, slot, post_next=slot + 1 < self.microbatches)
 
     def _output_backward(self, logits, y_m, total: int, metrics: StepMetrics) -> torch.Tensor:
         """The output block always learns from the true error ``e``; returns ``e``."""

@@ -49,15 +49,28 @@ class Transport:
             self.error_group = ctx.group_of(ctx.layout.pipelines(), timeout_s)
         self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (wire, as used)
         self._sends: list[Handle] = []
+        self._posted: dict[tuple[int, int], Handle] = {}  # receives posted ahead (post_next)
 
     # ---------------------------------------------------------------- activations
 
-    def recv_activation(self, batch: int, slot: int = 0) -> torch.Tensor:
-        """Receive ``[batch, *in_shape]`` from the previous stage into buffer ``slot``.
+    def recv_activation(self, batch: int, slot: int = 0, *, post_next: bool = False) -> torch.Tensor:
+        """Receive ``[batch, *in_shape]`` from the previous stage into buffer ``slot``; with
+        ``post_next``, then post the receive of slot ``slot + 1`` (same size) at once.
 
         A slot is reused by the next step only: micro-batch ``m`` of a step uses slot ``m``,
         whose previous contents (saved for a backward) were released at the last step's end.
+        A receive posted before its send lets the transfer run while this stage computes: the
+        sender's send finds it waiting and moves the data at once (gloo's rendezvous otherwise
+        waits for the sender's helper thread to answer the receiver; NCCL starts the copy only
+        once both are posted), so the next ``recv_activation`` finds the data there.
         """
+        handle = self._posted.pop((batch, slot), None) or self._post(batch, slot)
+        handle.wait()
+        if post_next:
+            self._posted[(batch, slot + 1)] = self._post(batch, slot + 1)
+        return self._buffers[(batch, slot)][1]
+
+    def _post(self, batch: int, slot: int) -> Handle:
         key = (batch, slot)
         if key not in self._buffers:
             if self._nhwc(len(self.in_shape) + 1):
@@ -67,9 +80,7 @@ class Transport:
             else:
                 wire = torch.empty(batch, *self.in_shape, device=self.device)
                 self._buffers[key] = (wire, wire)
-        wire, tensor = self._buffers[key]
-        dist.recv(wire, self.prev_rank)
-        return tensor
+        return dist.irecv(self._buffers[key][0], self.prev_rank)
 
     def send_activation(self, tensor: torch.Tensor) -> None:
         """Start sending ``tensor`` to the next stage; ``wait_sends`` completes it."""
