@@ -73,6 +73,12 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     # per M: 3 variants on 1 rank, 4 on 2 ranks, 2 on every stages x replicas world
     assert len(cm["validation"]) == 2 * (3 + 4 + 2 * len(measured))
     assert cm["validation_error"] == max(row["relative_error"] for row in cm["validation"])
+    assert cm["validation_error_from_isolated"] == max(row["relative_error_from_isolated"] for row in cm["validation"])
+    # block costs at their in-step level: the one-rank phase timers' totals over M x the isolated sums
+    factors, phases = cm["in_step_factors"]["4"], one["phases_per_rank"]
+    assert set(factors) == {"forward", "backward", "update", "optim_bp", "optim_direct"}
+    assert factors["forward"] * 4 * sum(cm["block_costs"]["4"]["forward"]) == pytest.approx(phases["dkp"][0]["forward"])
+    assert factors["backward"] * 4 * sum(cm["block_costs"]["4"]["backward"]) == pytest.approx(phases["bp"][0]["update"])
     assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
     assert set(cm["predictions_s"]["4"]["direct"]) == {"1", "2", "3", "4"}
     assert set(cm["ideal"]["4"]["2"]) == {"dkp_unlocking_speedup", "dkp_over_bp_1f1b"}

@@ -101,6 +101,20 @@ def test_block_costs_reject_ragged_lists_and_repeat_the_middle_block():
     assert BlockCosts.from_dict(deep.as_dict()) == deep
 
 
+def test_scaling_a_phase_scales_the_replayed_step_by_the_same_factor():
+    """Block costs taken to their in-step level: with balanced stages and a free link the direct
+    schedule's step M(F+U) + (N-1)F scales term by term."""
+    costs = BlockCosts([1, 1, 1, 1], [2, 2, 2, 2], [1.5, 1.5, 1.5, 1.5], [0] * 4, [0] * 4, [8, 8, 8, 0], 4.0)
+    scaled = costs.scaled({"forward": 1.2, "update": 1.1})
+    assert list(scaled.forward) == pytest.approx([1.2] * 4) and list(scaled.backward) == [2] * 4
+    assert scaled.out_bytes == costs.out_bytes and scaled.error_bytes == 4.0
+    n, m = 2, 4
+    expected = m * (2 * 1.2 + 2 * 1.5 * 1.1) + (n - 1) * 2 * 1.2
+    assert predict(scaled, ranks=n, microbatches=m, method="direct") == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no such phase"):
+        costs.scaled({"out_bytes": 2.0})
+
+
 def test_replicas_add_a_ring_all_reduce_before_the_optimizer_step():
     """Pinpoints an all-reduce cost that is not the ring's 2(R-1) transfers of n/R bytes, or one
     added where there is a single replica."""

@@ -28,7 +28,7 @@ others' remaining work; the step ends when the slowest stage has stepped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 from parallel_dkp.parallel.partition import balanced_partition
@@ -90,6 +90,14 @@ class BlockCosts:
     @classmethod
     def from_dict(cls, d: dict) -> "BlockCosts":
         return cls(**d)
+
+    def scaled(self, factors: dict[str, float]) -> "BlockCosts":
+        """Every block's time of each named phase (``forward``, ``backward``, ``update``,
+        ``optim_bp``, ``optim_direct``) multiplied by its factor; bytes unchanged."""
+        unknown = set(factors) - {"forward", "backward", "update", "optim_bp", "optim_direct"}
+        if unknown:
+            raise ValueError(f"no such phase to scale: {sorted(unknown)}")
+        return replace(self, **{k: [v * f for v in getattr(self, k)] for k, f in factors.items()})
 
     def repeated(self, num_blocks: int) -> "BlockCosts":
         """A deeper network of the same kind: the middle (repeated) block copied until there are
