@@ -12,7 +12,7 @@ out=${1:-docs/performance}
 mkdir -p "$out"
 data=(--set data.name=synthetic --set "data.synthetic_shape=[1, 28, 28]" --set data.synthetic_size=1024
       --set run.progress=false)
-common=(--ranks 1,2 --microbatches 4,8 --steps 20 --warmup 3 --rounds 2)
+common=(--ranks 1,2 --microbatches 4,8 --steps 10 --warmup 3 --rounds 4)
 # conv nets in channels-last (NHWC), the layout oneDNN's kernels prefer: faster for bp too
 for model in ${MODELS:-convdeep vit conv2}; do
   layout=$([[ $model == vit ]] && echo false || echo true)

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -189,6 +189,7 @@ def measure_link(ctx: DistContext, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 <
              / sum((x - mean_x) ** 2 for x in sizes))
     latency = max(0.0, mean_t - slope * mean_x)
     return {"latency_s": latency, "bandwidth_Bps": 1.0 / slope if slope > 0 else float("inf"),
+            "host_copies": ctx.device.type == "cpu",  # gloo on CPUs: the ranks' cores copy every message
             "sizes_bytes": list(sizes), "one_way_s": times}
 
 
@@ -453,6 +454,13 @@ def in_step_factors(isolated: costmodel.BlockCosts, phases_per_rank: dict, micro
             for k, (phase, blocks, times) in totals.items()}
 
 
+def step_overheads(phases_per_rank: dict) -> dict[str, float]:
+    """Per rule, the seconds of a one-rank step outside its timed phases: zeroing the gradients,
+    the divergence guard, splitting the batch, Python between the phases."""
+    return {name: max(0.0, p[0]["step"] - sum(p[0].get(k, 0.0) for k in PHASES))
+            for name, p in phases_per_rank.items() if p and p[0].get("step")}
+
+
 def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microbatches: list[int],
                         meshes: dict | None = None) -> dict:
     """Predict every measured per-rank-thread configuration (stages x replicas ones included)
@@ -460,14 +468,15 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
     (as far as the blocks go)."""
     per_rank = by_role["per_rank", 1]
     link_world = next((by_role["pipeline", n] for n in ranks if n > 1), None)
-    link = costmodel.Link(**{k: link_world["link"][k] for k in ("latency_s", "bandwidth_Bps")}) \
-        if link_world and "link" in link_world else costmodel.Link()
+    link = costmodel.Link(**{k: link_world["link"][k] for k in ("latency_s", "bandwidth_Bps", "host_copies")
+                             if k in link_world["link"]}) if link_world and "link" in link_world else costmodel.Link()
     rows = []
-    costs_by_m, isolated_by_m, factors_by_m = {}, {}, {}
+    costs_by_m, isolated_by_m, factors_by_m, overhead_by_m = {}, {}, {}, {}
     for m in microbatches:
         one = per_rank["by_microbatches"][str(m)]
         isolated = costmodel.BlockCosts.from_dict(one["block_costs"])
         factors_by_m[m] = in_step_factors(isolated, one["phases_per_rank"], m)
+        overhead_by_m[m] = step_overheads(one["phases_per_rank"])
         costs = isolated.scaled(factors_by_m[m])
         costs_by_m[m], isolated_by_m[m] = costs, isolated
         worlds = [(n, 1, per_rank if n == 1 else by_role["pipeline", n]) for n in ranks]
@@ -476,11 +485,13 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
             res = world["by_microbatches"][str(m)]
             partition = [range(a, b) for a, b in res["partition"]]
             for name, row in res["rules"].items():
-                method = Variant.parse(name).method(default_schedule="gpipe")
+                variant = Variant.parse(name)
+                method = variant.method(default_schedule="gpipe")
+                overhead = overhead_by_m[m].get(variant.rule, 0.0)
                 predicted, from_isolated = (
                     costmodel.simulate(costmodel.stage_costs(c, partition, method), microbatches=m, method=method,
-                                       link=link, error_bytes=c.error_bytes, replicas=replicas)
-                    for c in (costs, isolated))
+                                       link=lk, error_bytes=c.error_bytes, replicas=replicas, step_overhead=o)
+                    for c, lk, o in ((costs, link, overhead), (isolated, replace(link, host_copies=False), 0.0)))
                 measured = row["median_s"]
                 rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
                              "measured_s": measured, "predicted_s": predicted,
@@ -490,8 +501,10 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
     num_blocks = next(iter(costs_by_m.values())).num_blocks
     predictions = {}
     for m, costs in costs_by_m.items():
-        predictions[str(m)] = {method: {str(n): costmodel.predict(costs, ranks=n, microbatches=m, method=method,
-                                                                    link=link)
+        overhead = {"direct": "dkp", "gpipe": "bp", "1f1b": "bp"}
+        predictions[str(m)] = {method: {str(n): costmodel.predict(
+            costs, ranks=n, microbatches=m, method=method, link=link,
+            step_overhead=overhead_by_m[m].get(overhead[method], 0.0))
                                         for n in range(1, min(64, num_blocks) + 1)}
                                for method in ("direct", "gpipe", "1f1b")}
     ideal = {}
@@ -502,9 +515,10 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
             "dkp_over_bp_1f1b": (m * (f + u) + (n - 1) * f) / n / ((m + n - 1) * (f + b) / n),
         } for n in ranks if n > 1}
     return {
-        "link": {"latency_s": link.latency_s, "bandwidth_Bps": link.bandwidth_Bps},
+        "link": {"latency_s": link.latency_s, "bandwidth_Bps": link.bandwidth_Bps, "host_copies": link.host_copies},
         "block_costs": {str(m): c.as_dict() for m, c in isolated_by_m.items()},
         "in_step_factors": {str(m): f for m, f in factors_by_m.items()},
+        "step_overhead_s": {str(m): o for m, o in overhead_by_m.items()},
         "validation": rows,
         "validation_error": max(r["relative_error"] for r in rows),
         "validation_error_from_isolated": max(r["relative_error_from_isolated"] for r in rows),

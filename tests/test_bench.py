@@ -60,6 +60,9 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     cm = r["cost_model"]
     assert set(cm["block_costs"]) == {"2", "4"} and len(cm["block_costs"]["4"]["forward"]) == 4
     assert cm["link"]["latency_s"] >= 0 and cm["link"]["bandwidth_Bps"] > 0
+    assert cm["link"]["host_copies"] is True  # gloo on CPUs: the ranks' cores copy every message
+    assert set(cm["step_overhead_s"]["4"]) == {"dkp", "dfa", "bp"}
+    assert all(v >= 0 for v in cm["step_overhead_s"]["4"].values())
     # stages x replicas: 1 x 2 always runs (2 cores); 2 x 2 where the machine has 4 cores
     measured = {k for k in r["mesh"]}
     assert "1x2" in measured and ("2x2" in measured) == ("mesh:2stages-2replicas-1threads" not in r["skipped_worlds"])

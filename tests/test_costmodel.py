@@ -64,6 +64,29 @@ def test_each_message_costs_latency_plus_bytes_over_bandwidth():
     assert got == pytest.approx(F + 0.75 + F + 0.35 + U)
 
 
+def test_a_receive_posted_ahead_overlaps_and_host_copies_cost_compute():
+    """Pinpoints the direct schedule's pre-posted receive not modelled (its transfer would wait
+    for the receiver), or CPU links whose copies take no compute. Stage 1 is the slow one
+    (F = 3); a message is 0.25 s + 50 B / 100 B/s, copies 0.5 s at each end on a host link.
+
+    Free of copies: act1 arrives at 2.75 while stage 1 computes F0 until 4.75, so it runs F1 at
+    once, and the error of m = 1 reaches stage 0 at 7.75 + 0.25. With host copies stage 0 pays
+    0.5 s per send (act1 leaves at 2.5), and stage 1 pays 0.5 s for act1, copied in while it
+    computed: 0.5 s later."""
+    stages = [StageCosts(1.0, 0.0, 0.0, 0.0, 0.0, 50.0), StageCosts(3.0, 0.0, 0.0, 0.0, 0.0, 0.0)]
+    free = Link(latency_s=0.25, bandwidth_Bps=100.0)
+    assert simulate(stages, microbatches=2, method="direct", link=free) == pytest.approx(8.0)
+    host = Link(latency_s=0.25, bandwidth_Bps=100.0, host_copies=True)
+    assert simulate(stages, microbatches=2, method="direct", link=host) == pytest.approx(8.5)
+    assert free.copy_seconds(50.0) == 0.0 and host.copy_seconds(50.0) == 0.5
+
+
+def test_step_overhead_delays_every_rank_once():
+    stages = balanced(2)
+    base = simulate(stages, microbatches=4, method="direct")
+    assert simulate(stages, microbatches=4, method="direct", step_overhead=0.3) == pytest.approx(base + 0.3)
+
+
 def test_the_slowest_stage_sets_the_pace():
     """Pinpoints an unbalanced partition predicted like a balanced one: the costliest stage
     bounds every schedule from below by M times its own work."""

@@ -41,13 +41,23 @@ torch.distributed.pipelining (on one rank both are the serial schedule)."""
 
 @dataclass(frozen=True)
 class Link:
-    """A point-to-point link: ``seconds(n) = latency_s + n / bandwidth_Bps``."""
+    """A point-to-point link: ``seconds(n) = latency_s + n / bandwidth_Bps``.
+
+    ``host_copies``: the ranks' own cores move every message (gloo over TCP on CPUs), so a
+    message also takes ``n / bandwidth_Bps`` of compute from its sender when posted, and from its
+    receiver when it had arrived before the receiver asked for it (copied in while the receiver
+    computed). GPU links (NCCL) copy without the host: ``False``."""
 
     latency_s: float = 0.0
     bandwidth_Bps: float = float("inf")
+    host_copies: bool = False
 
     def seconds(self, num_bytes: float) -> float:
         return self.latency_s + num_bytes / self.bandwidth_Bps
+
+    def copy_seconds(self, num_bytes: float) -> float:
+        """Compute time a message takes from each end (0 unless ``host_copies``)."""
+        return num_bytes / self.bandwidth_Bps if self.host_copies else 0.0
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,7 @@ def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -
 
 @dataclass
 class _Op:
-    kind: Literal["compute", "send", "recv", "wait", "bcast_root", "bcast_post", "bcast_wait"]
+    kind: Literal["compute", "send", "post", "recv", "wait", "bcast_root", "bcast_post", "bcast_wait"]
     seconds: float = 0.0
     key: tuple = ()
     keys: tuple = ()
@@ -196,13 +206,18 @@ class _Replay:
     def _try(self, op: _Op, s: int, now: float, posted, done) -> float | None:
         if op.kind == "compute":
             return now + op.seconds
-        if op.kind == "send":  # asynchronous: posting costs nothing
+        if op.kind == "send":  # asynchronous: posting costs nothing, unless the host copies
             posted.setdefault(("send", op.key), now)
+            return now + self.link.copy_seconds(self.sizes[op.key])
+        if op.kind == "post":  # a receive posted ahead of the blocking ``recv`` that completes it
+            posted.setdefault(("recv", op.key), now)
             return now
         if op.kind == "recv":  # blocking
             posted.setdefault(("recv", op.key), now)
             end = self._complete(op.key, posted, done)
-            return None if end is None else max(now, end)
+            if end is None:
+                return None
+            return now + self.link.copy_seconds(self.sizes[op.key]) if end <= now else end
         if op.kind == "wait":  # for sends (or receives) posted earlier
             ends = [self._complete(k, posted, done) for k in op.keys]
             return None if any(e is None for e in ends) else max([now, *ends])
@@ -275,6 +290,9 @@ class _Program:
     def recv(self, keys: list[tuple]) -> None:
         self.ops += [_Op("recv", key=k) for k in keys]
 
+    def post(self, keys: list[tuple]) -> None:
+        self.ops += [_Op("post", key=k) for k in keys]
+
     def wait(self, keys: list[tuple]) -> None:
         self.ops.append(_Op("wait", keys=tuple(keys)))
 
@@ -290,6 +308,8 @@ def _direct(p: _Program, M: int, *, targets: bool) -> None:
     lag, c = update_lag(p.s, p.n), p.cost
     for m in range(M):
         p.recv(p.act_in(m))
+        if m + 1 < M:  # the next micro-batch's receive is posted before computing this one
+            p.post(p.act_in(m + 1))
         p.compute(c.forward)
         p.send(p.act_out(m))
         if targets:
@@ -367,7 +387,7 @@ def allreduce_seconds(num_bytes: float, replicas: int, link: Link) -> float:
 
 
 def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, error_bytes: float,
-              replicas: int = 1, reduce_link: Link = Link()) -> list[list[_Op]]:
+              replicas: int = 1, reduce_link: Link = Link(), step_overhead: float = 0.0) -> list[list[_Op]]:
     n = len(stages)
     for m in range(M):
         sizes[("err", m)] = error_bytes
@@ -377,6 +397,7 @@ def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, err
     programs = []
     for s, cost in enumerate(stages):
         p = _Program(s, n, cost)
+        p.compute(step_overhead)  # the step's own host work outside the measured phases
         if method in ("direct", "targets"):
             _direct(p, M, targets=method == "targets")
         elif method == "gpipe" or n == 1:
@@ -390,21 +411,25 @@ def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, err
 
 
 def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, link: Link = Link(),
-             error_bytes: float = 0.0, replicas: int = 1, reduce_link: Link | None = None) -> float:
+             error_bytes: float = 0.0, replicas: int = 1, reduce_link: Link | None = None,
+             step_overhead: float = 0.0) -> float:
     """Predicted seconds of one training step (the slowest stage's finish), on every replica
     (each its own pipeline of ``stages``); ``reduce_link`` (default ``link``) carries the
-    gradient all-reduce among a stage's ``replicas``."""
+    gradient all-reduce among a stage's ``replicas``; ``step_overhead``: every rank's host work
+    per step outside the blocks' phases (zeroing gradients, the divergence guard, Python)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if microbatches < 1 or replicas < 1:
         raise ValueError(f"microbatches = {microbatches} and replicas = {replicas} must be >= 1")
     sizes: dict = {}
-    programs = _programs(list(stages), microbatches, method, sizes, error_bytes, replicas, reduce_link or link)
+    programs = _programs(list(stages), microbatches, method, sizes, error_bytes, replicas, reduce_link or link,
+                         step_overhead)
     return max(_Replay(programs, link, sizes).run())
 
 
 def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),
-            partition: Sequence[range] | None = None, replicas: int = 1, reduce_link: Link | None = None) -> float:
+            partition: Sequence[range] | None = None, replicas: int = 1, reduce_link: Link | None = None,
+            step_overhead: float = 0.0) -> float:
     """Predicted step seconds of ``method`` on ``ranks`` stages (of ``replicas`` replicas each,
     every replica on a micro-batch of the size ``costs`` were measured at). Without an explicit
     ``partition`` the stages are balanced on what the method pays per block, as the runtime
@@ -414,7 +439,8 @@ def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method,
         weights = [f + b for f, b in zip(costs.forward, second)]
         partition = balanced_partition(weights, world_size=ranks)
     return simulate(stage_costs(costs, partition, method), microbatches=microbatches, method=method, link=link,
-                    error_bytes=costs.error_bytes, replicas=replicas, reduce_link=reduce_link)
+                    error_bytes=costs.error_bytes, replicas=replicas, reduce_link=reduce_link,
+                    step_overhead=step_overhead)
 
 
 def ideal_direct_speedup(forward: float, update: float, *, ranks: int, microbatches: int) -> float:
