@@ -86,10 +86,10 @@ class RunConfig:
     No effect elsewhere (``parallel_dkp.cpu_memory``)."""
     bind_cores: bool = True
     """CPU runs with several ranks on one host: bind each rank (its threads, gloo's included) to
-    its own equal share of the host's cores, as MPI's ``--bind-to core`` does, and cap its
-    intra-op threads at that share. Measured on the 2-core CPU, 2 ranks: vit steps 11 % faster,
-    convdeep 14 %, and steadier. Skipped when there are fewer cores than ranks, and on GPUs
-    (``parallel_dkp.parallel.affinity``)."""
+    its own equal share of the cores it was started on, as MPI's ``--bind-to core`` does, and
+    cap its intra-op threads at that share. Skipped when there are fewer cores than ranks, and
+    on GPUs. On the 2-core VM it made 2-rank vit steps 11 % faster before receives were posted
+    ahead, and is within that VM's noise since (``parallel_dkp.parallel.affinity``)."""
     checkpoint_every: int = 0
     """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
     writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""

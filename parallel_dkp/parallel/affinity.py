@@ -2,11 +2,13 @@
 
 Several gloo ranks on one host share its cores with their helper threads: gloo's TCP loop and
 work threads wake for every message. Left to the OS scheduler, a rank that sleeps in a receive
-wakes on whichever core is free and drags its working set along, and a message can wait for a
-helper thread to be scheduled; on the 2-core VM that made a 2-rank vit step 42.8 ms on average
-where binding made it 38.0 (``docs/performance.md``). Binding each local rank, with all its
-threads, to an equal share of the host's cores is what MPI launchers do by default
-(``--bind-to core``); OpenMP threads then never outnumber the cores they may use.
+wakes on whichever core is free, and a message can wait for a helper thread to be scheduled. On
+the 2-core VM, before a stage posted its next receive ahead (``Transport.recv_activation``),
+binding took a 2-rank vit step from 42.8 to 38.0 ms (3 alternations of 150 steps); with the
+receive posted ahead the two are within the VM's noise (``benchmarks/binding.sh``,
+``docs/performance.md``). Binding each local rank, with all its threads, to an equal share of
+the cores is what MPI launchers do by default (``--bind-to core``), and OpenMP threads then
+never outnumber the cores a rank may use.
 
 Only for CPU runs with more than one rank on the host, and only when every rank gets at least
 one core of its own: an oversubscribed host is left to the scheduler. GPU ranks are not bound
