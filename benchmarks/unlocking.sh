@@ -3,10 +3,12 @@
 # against bp on one device and through torch.distributed.pipelining (GPipe, 1F1B), on 1 and 2
 # gloo ranks with one thread each, M = 4 and 8; then the cost model's predictions to 64 ranks.
 #
-#   bash benchmarks/unlocking.sh [OUT_DIR]     # default docs/performance; 12 min on 2 idle cores
+#   bash benchmarks/unlocking.sh [OUT_DIR]     # default docs/performance; 11 min on 2 idle cores
 #
 # Needs an otherwise idle machine (check `uptime`): the ranks share its cores. Step times do not
 # depend on pixel values, so every network runs on synthetic 1x28x28 data (Fashion-MNIST's shape).
+# 4 short rounds rather than 2 long ones: each world is measured at four times spread over the run,
+# so a drifting machine (this VM's speed varies by 10-40 % within minutes) hits every world alike.
 set -euo pipefail
 out=${1:-docs/performance}
 mkdir -p "$out"

@@ -64,8 +64,8 @@ class Transport:
         waits for the sender's helper thread to answer the receiver; NCCL starts the copy only
         once both are posted), so the next ``recv_activation`` finds the data there.
         """
-        handle = self._posted.pop((batch, slot), None) or self._post(batch, slot)
-        handle.wait()
+        handle = self._posted.pop((batch, slot), None)
+        (handle if handle is not None else self._post(batch, slot)).wait()
         if post_next:
             self._posted[(batch, slot + 1)] = self._post(batch, slot + 1)
         return self._buffers[(batch, slot)][1]
