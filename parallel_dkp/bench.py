@@ -359,7 +359,11 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool, batch_size: int) ->
 
 
 def _merge(merged: dict, key: str, world: dict) -> None:
-    """Pool a world's samples across rounds; the first round's other fields stay."""
+    """Pool a world's samples across rounds (and keep each round's median); the first round's
+    other fields stay."""
+    for res in world["by_microbatches"].values():
+        for row in res["rules"].values():
+            row["round_medians_s"] = [row["median_s"]]
     if key not in merged:
         merged[key] = world
         return
@@ -368,6 +372,13 @@ def _merge(merged: dict, key: str, world: dict) -> None:
             mine = merged[key]["by_microbatches"][m]["rules"][name]
             mine["samples_s"] += row["samples_s"]
             mine["median_s"] = statistics.median(mine["samples_s"])
+            mine["round_medians_s"] += row["round_medians_s"]
+
+
+def ratios_by_round(numerator: dict, denominator: dict) -> list[float]:
+    """Two variants' step-time ratio round by round (rows of merged worlds, as ``_merge`` leaves them)."""
+    rounds = (row.get("round_medians_s", [row["median_s"]]) for row in (numerator, denominator))
+    return [a / b for a, b in zip(*rounds)]
 
 
 def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microbatches: list[int]) -> dict:
@@ -378,6 +389,10 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
 
     def median(world: dict, m: int, name: str) -> float:
         return world["by_microbatches"][str(m)]["rules"][name]["median_s"]
+
+    def by_round(one: dict, many: dict, m: int, one_name: str, many_name: str) -> list[float]:
+        rows = (w["by_microbatches"][str(m)]["rules"][n] for w, n in ((one, one_name), (many, many_name)))
+        return ratios_by_round(*rows)
 
     largest = max(ranks)
     ratios_by_ranks: dict[str, dict] = {}
@@ -393,6 +408,10 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
             "dkp_unlocking_speedup": median(per_rank, m, "dkp") / median(pipe, m, "dkp"),
             "dkp_speedup_over_one_rank_all_cores": median(single, m, "dkp") / median(pipe, m, "dkp"),
             "bp_1f1b_speedup": median(per_rank, m, "bp") / median(pipe, m, "bp@1f1b"),
+            # Worlds run one after the other; within a round they are minutes apart at most, so a
+            # drifting machine shows as spread here (the pooled ratios above average it out).
+            "dkp_unlocking_speedup_by_round": by_round(per_rank, pipe, m, "dkp", "dkp"),
+            "bp_1f1b_speedup_by_round": by_round(per_rank, pipe, m, "bp", "bp@1f1b"),
         } for m in microbatches}
     headline = ratios_by_ranks.get(str(largest), {})
     result = {
@@ -539,7 +558,7 @@ def print_unlocking(result: dict, console: Console) -> None:
         for n, m in columns:
             table.add_column(f"N={n} M={m}", justify="right")
         for key in result["ratios_by_ranks"][columns[0][0]][columns[0][1]]:
-            table.add_row(key, *(f"{result['ratios_by_ranks'][n][m][key]:.3f}" for n, m in columns))
+            table.add_row(key, *(_ratio_text(result["ratios_by_ranks"][n][m][key]) for n, m in columns))
         console.print(table)
     for key, mesh in result.get("mesh", {}).items():
         for m, row in mesh["by_microbatches"].items():
@@ -553,6 +572,13 @@ def print_unlocking(result: dict, console: Console) -> None:
                   f"{cm['link']['bandwidth_Bps'] / 1e9:.2f} GB/s; largest relative error against the "
                   f"{len(cm['validation'])} measured configurations: {cm['validation_error']:.3f} with block costs "
                   f"at their in-step level, {cm['validation_error_from_isolated']:.3f} with the isolated ones")
+
+
+def _ratio_text(value: float | list[float]) -> str:
+    """A ratio, or the range of its per-round values."""
+    if isinstance(value, list):
+        return f"{min(value):.2f}-{max(value):.2f}" if value else "-"
+    return f"{value:.3f}"
 
 
 def run_unlocking_in_world(config_for: ConfigFor, args, ctx: DistContext, console: Console) -> dict:

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from parallel_dkp.bench import Variant, parse_list
+from parallel_dkp.bench import Variant, _merge, parse_list, ratios_by_round
 from parallel_dkp.config import load_config
 from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.parallel import costmodel
@@ -50,6 +50,7 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     by4 = r["ratios_by_microbatches"]["4"]
     assert by4["dkp_over_bp_1f1b"] == pytest.approx(step["dkp"] / step["bp@1f1b"])
     assert by4["dkp_unlocking_speedup"] == pytest.approx(one["rules"]["dkp"]["median_s"] / step["dkp"])
+    assert by4["dkp_unlocking_speedup_by_round"] == [pytest.approx(by4["dkp_unlocking_speedup"])]  # one round
     # per rank: phases, idle fraction, memory
     for phases in pipe["phases_per_rank"]["dkp"]:
         assert {"forward", "update", "wait", "send", "idle_fraction"} <= set(phases)
@@ -85,6 +86,22 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
     assert set(cm["predictions_s"]["4"]["direct"]) == {"1", "2", "3", "4"}
     assert set(cm["ideal"]["4"]["2"]) == {"dkp_unlocking_speedup", "dkp_over_bp_1f1b"}
+
+
+def test_rounds_pool_their_samples_and_keep_their_own_medians():
+    """Pinpoints a merge that drops a round, or per-round ratios that pair different rounds."""
+    def world(one: list[float], many: list[float]) -> dict:
+        return {"by_microbatches": {"4": {"rules": {
+            "dkp": {"median_s": sorted(one)[1], "samples_s": list(one)},
+            "bp": {"median_s": sorted(many)[1], "samples_s": list(many)}}}}}
+
+    merged: dict = {}
+    _merge(merged, "w", world([1.0, 2.0, 3.0], [2.0, 2.0, 2.0]))
+    _merge(merged, "w", world([4.0, 5.0, 6.0], [1.0, 1.0, 1.0]))
+    rules = merged["w"]["by_microbatches"]["4"]["rules"]
+    assert rules["dkp"]["samples_s"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert rules["dkp"]["median_s"] == 3.5 and rules["dkp"]["round_medians_s"] == [2.0, 5.0]
+    assert ratios_by_round(rules["dkp"], rules["bp"]) == [1.0, 5.0]
 
 
 def test_unlocking_benchmark_refuses_more_ranks_than_blocks(tmp_path):
