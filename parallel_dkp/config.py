@@ -87,9 +87,10 @@ class RunConfig:
     bind_cores: bool = True
     """CPU runs with several ranks on one host: bind each rank (its threads, gloo's included) to
     its own equal share of the cores it was started on, as MPI's ``--bind-to core`` does, and
-    cap its intra-op threads at that share. Skipped when there are fewer cores than ranks, and
-    on GPUs. On the 2-core VM it made 2-rank vit steps 11 % faster before receives were posted
-    ahead, and is within that VM's noise since (``parallel_dkp.parallel.affinity``)."""
+    cap its intra-op threads at that share. Skipped where a launcher already gave a host's ranks
+    different cores, where there are fewer cores than ranks, and on GPUs. On the 2-core VM it
+    made 2-rank vit steps 11 % faster before receives were posted ahead, and is within that VM's
+    noise since (``parallel_dkp.parallel.affinity``)."""
     checkpoint_every: int = 0
     """Also write a checkpoint every this many steps (0: only at each epoch end). Every rank
     writes its own shard; a run restarted with the same ``run.out_dir`` resumes from the newest."""

@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_cli import SMOKE, _torchrun
 
-from parallel_dkp.parallel.affinity import core_share
+from parallel_dkp.parallel.affinity import core_share, host_share
 
 needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="sched_setaffinity: Linux only")
 
@@ -23,6 +23,17 @@ def test_core_share_splits_the_cores_into_equal_consecutive_shares():
     assert core_share([0, 1], 2, 3) is None  # fewer cores than ranks: left to the scheduler
     with pytest.raises(ValueError, match="outside 0..1"):
         core_share([0, 1], 2, 2)
+
+
+def test_ranks_of_a_host_share_its_cores_unless_their_launcher_placed_them():
+    """Pinpoints a binding that halves the cores of ranks a launcher had already placed (Slurm's
+    --cpu-bind), or counts another host's ranks as neighbours."""
+    both = (0, 1, 2, 3)
+    same = [("a", both), ("a", both), ("b", both), ("b", both), ("a", both)]
+    assert [host_share(same, r) for r in range(5)] == [(0, 3), (1, 3), (0, 2), (1, 2), (2, 3)]
+    placed = [("a", (0, 1)), ("a", (2, 3)), ("b", both), ("b", both)]
+    assert host_share(placed, 0) is None and host_share(placed, 1) is None
+    assert host_share(placed, 3) == (1, 2)
 
 
 PROBE = """

@@ -10,16 +10,23 @@ receive posted ahead the two are within the VM's noise (``benchmarks/binding.sh`
 the cores is what MPI launchers do by default (``--bind-to core``), and OpenMP threads then
 never outnumber the cores a rank may use.
 
-Only for CPU runs with more than one rank on the host, and only when every rank gets at least
-one core of its own: an oversubscribed host is left to the scheduler. GPU ranks are not bound
-here (their host threads belong near their GPU's NUMA node, which the cluster's launcher knows).
+Only for CPU runs with more than one rank on the host, only when the ranks of a host were all
+started on the same cores (a launcher that placed them itself, e.g. Slurm's ``--cpu-bind``, is
+left alone), and only when every rank gets at least one core of its own: an oversubscribed host
+is left to the scheduler. GPU ranks are not bound here (their host threads belong near their
+GPU's NUMA node, which the cluster's launcher knows).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from parallel_dkp.parallel.distributed import DistContext
 
 
 def core_share(cores: list[int], local_rank: int, local_world_size: int) -> list[int] | None:
@@ -33,6 +40,27 @@ def core_share(cores: list[int], local_rank: int, local_world_size: int) -> list
         return None
     ordered = sorted(cores)
     return ordered[local_rank * share:(local_rank + 1) * share]
+
+
+def host_share(placements: list[tuple[str, tuple[int, ...]]], rank: int) -> tuple[int, int] | None:
+    """``(index, count)`` of ``rank`` among the ranks on its host (by rank order), given every
+    rank's ``(host, cores it may run on)``; ``None`` when its host's ranks were started on
+    different cores (placed by their launcher already)."""
+    host, cores = placements[rank]
+    peers = [r for r, (h, _) in enumerate(placements) if h == host]
+    if any(placements[r][1] != cores for r in peers):
+        return None
+    return peers.index(rank), len(peers)
+
+
+def bind_ranks(ctx: "DistContext") -> list[int] | None:
+    """Collective: bind every CPU rank to its share of its host's cores (:func:`bind_local_rank`),
+    when the ranks of each host share one set of cores. Returns this rank's cores, or ``None``."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    placement = (socket.gethostname(), tuple(sorted(os.sched_getaffinity(0))))
+    share = host_share(ctx.all_gather_object(placement), ctx.rank)
+    return None if share is None else bind_local_rank(*share)
 
 
 def bind_local_rank(local_rank: int, local_world_size: int) -> list[int] | None:

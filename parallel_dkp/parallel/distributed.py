@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from parallel_dkp.config import ParallelConfig, RunConfig
 from parallel_dkp.cpu_memory import keep_freed_memory
-from parallel_dkp.parallel.affinity import bind_local_rank
+from parallel_dkp.parallel.affinity import bind_ranks
 from parallel_dkp.parallel.mesh import Layout
 
 
@@ -182,8 +182,6 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
     if run.keep_freed_memory:
         keep_freed_memory()  # before the run allocates anything large
     device = resolve_device(run, local_rank)
-    if run.bind_cores and device.type == "cpu":
-        bind_local_rank(local_rank, _env_int("LOCAL_WORLD_SIZE", 1))  # before gloo starts its threads
     if world_size == 1:
         return DistContext(device=device)
 
@@ -203,7 +201,10 @@ def init_distributed(parallel: ParallelConfig, run: RunConfig) -> DistContext:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
-    return DistContext(rank, world_size, local_rank, device, backend)
+    ctx = DistContext(rank, world_size, local_rank, device, backend)
+    if run.bind_cores and device.type == "cpu":
+        bind_ranks(ctx)  # every thread of the rank, gloo's included
+    return ctx
 
 
 def _env_int(name: str, default: int) -> int:
