@@ -452,22 +452,24 @@ def _mesh_results(meshes: dict, per_rank: dict, microbatches: list[int]) -> dict
     return out
 
 
-def in_step_factors(isolated: costmodel.BlockCosts, phases_per_rank: dict, microbatches: int) -> dict[str, float]:
+def in_step_factors(isolated: costmodel.BlockCosts, phases_per_rank: dict, microbatches: int, *,
+                    direct: str = "dkp") -> dict[str, float]:
     """How much longer each phase takes inside a real one-rank step than the per-block costs
-    measured in isolation say: the phase timers' totals (dkp's forward, update and optimizer,
-    bp's backward, which its schedule times as ``update``, and optimizer) over M times the
-    blocks' sums.
+    measured in isolation say: the phase timers' totals (the direct rule ``direct``'s forward,
+    update and optimizer, bp's backward, which its schedule times as ``update``, and optimizer)
+    over M times the blocks' sums. The isolated costs time one direct update (dkp's) for every
+    direct rule, so each rule's own factor also carries its own update's level (dfa's is cheaper).
 
     Blocks timed alone, one micro-batch at a time, find their weights and activations in cache;
     inside a step M micro-batches' activations are alive and every other block runs in between
     (vit on the 2-core VM: 12-13 % longer). The cost model keeps the blocks' relative costs and
     takes their level from the step; the step time itself is not used, so one-rank predictions
     still miss whatever a step does outside its phases."""
-    dkp, bp = phases_per_rank["dkp"][0], phases_per_rank["bp"][0]
-    totals = {"forward": (dkp["forward"], isolated.forward, microbatches),
-              "update": (dkp["update"], isolated.update, microbatches),
+    rule, bp = phases_per_rank[direct][0], phases_per_rank["bp"][0]
+    totals = {"forward": (rule["forward"], isolated.forward, microbatches),
+              "update": (rule["update"], isolated.update, microbatches),
               "backward": (bp["update"], isolated.backward, microbatches),
-              "optim_direct": (dkp["optim"], isolated.optim_direct, 1),
+              "optim_direct": (rule["optim"], isolated.optim_direct, 1),
               "optim_bp": (bp["optim"], isolated.optim_bp, 1)}
     return {k: (phase / (times * sum(blocks)) if phase > 0 and sum(blocks) > 0 else 1.0)
             for k, (phase, blocks, times) in totals.items()}
@@ -494,9 +496,12 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
     for m in microbatches:
         one = per_rank["by_microbatches"][str(m)]
         isolated = costmodel.BlockCosts.from_dict(one["block_costs"])
-        factors_by_m[m] = in_step_factors(isolated, one["phases_per_rank"], m)
-        overhead_by_m[m] = step_overheads(one["phases_per_rank"])
-        costs = isolated.scaled(factors_by_m[m])
+        phases = one["phases_per_rank"]
+        factors_by_m[m] = {rule: in_step_factors(isolated, phases, m, direct=rule)
+                           for rule in ("dkp", "dfa") if rule in phases}
+        overhead_by_m[m] = step_overheads(phases)
+        by_rule = {rule: isolated.scaled(f) for rule, f in factors_by_m[m].items()}
+        costs = by_rule["dkp"]  # bp's rows and the predictions to 64 ranks
         costs_by_m[m], isolated_by_m[m] = costs, isolated
         worlds = [(n, 1, per_rank if n == 1 else by_role["pipeline", n]) for n in ranks]
         worlds += [(n, r, world) for (n, r), world in (meshes or {}).items()]
@@ -510,7 +515,8 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
                 predicted, from_isolated = (
                     costmodel.simulate(costmodel.stage_costs(c, partition, method), microbatches=m, method=method,
                                        link=lk, error_bytes=c.error_bytes, replicas=replicas, step_overhead=o)
-                    for c, lk, o in ((costs, link, overhead), (isolated, replace(link, host_copies=False), 0.0)))
+                    for c, lk, o in ((by_rule.get(variant.rule, costs), link, overhead),
+                                     (isolated, replace(link, host_copies=False), 0.0)))
                 measured = row["median_s"]
                 rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
                              "measured_s": measured, "predicted_s": predicted,

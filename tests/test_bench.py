@@ -79,10 +79,13 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert cm["validation_error"] == max(row["relative_error"] for row in cm["validation"])
     assert cm["validation_error_from_isolated"] == max(row["relative_error_from_isolated"] for row in cm["validation"])
     # block costs at their in-step level: the one-rank phase timers' totals over M x the isolated sums
-    factors, phases = cm["in_step_factors"]["4"], one["phases_per_rank"]
-    assert set(factors) == {"forward", "backward", "update", "optim_bp", "optim_direct"}
-    assert factors["forward"] * 4 * sum(cm["block_costs"]["4"]["forward"]) == pytest.approx(phases["dkp"][0]["forward"])
-    assert factors["backward"] * 4 * sum(cm["block_costs"]["4"]["backward"]) == pytest.approx(phases["bp"][0]["update"])
+    factors, phases, costs = cm["in_step_factors"]["4"], one["phases_per_rank"], cm["block_costs"]["4"]
+    assert set(factors) == {"dkp", "dfa"}
+    assert set(factors["dkp"]) == {"forward", "backward", "update", "optim_bp", "optim_direct"}
+    for rule in ("dkp", "dfa"):  # each direct rule's update at its own level
+        assert factors[rule]["update"] * 4 * sum(costs["update"]) == pytest.approx(phases[rule][0]["update"])
+    assert factors["dkp"]["forward"] * 4 * sum(costs["forward"]) == pytest.approx(phases["dkp"][0]["forward"])
+    assert factors["dkp"]["backward"] * 4 * sum(costs["backward"]) == pytest.approx(phases["bp"][0]["update"])
     assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
     assert set(cm["predictions_s"]["4"]["direct"]) == {"1", "2", "3", "4"}
     assert set(cm["ideal"]["4"]["2"]) == {"dkp_unlocking_speedup", "dkp_over_bp_1f1b"}
