@@ -482,6 +482,10 @@ def step_overheads(phases_per_rank: dict) -> dict[str, float]:
             for name, p in phases_per_rank.items() if p and p[0].get("step")}
 
 
+_OVERHEAD_RULE = {"direct": "dkp", "gpipe": "bp", "1f1b": "bp"}
+"""Whose measured per-step overhead the predictions to 64 ranks take, by method."""
+
+
 def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microbatches: list[int],
                         meshes: dict | None = None) -> dict:
     """Predict every measured per-rank-thread configuration (stages x replicas ones included)
@@ -526,10 +530,9 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
     num_blocks = next(iter(costs_by_m.values())).num_blocks
     predictions = {}
     for m, costs in costs_by_m.items():
-        overhead = {"direct": "dkp", "gpipe": "bp", "1f1b": "bp"}
         predictions[str(m)] = {method: {str(n): costmodel.predict(
             costs, ranks=n, microbatches=m, method=method, link=link,
-            step_overhead=overhead_by_m[m].get(overhead[method], 0.0))
+            step_overhead=overhead_by_m[m].get(_OVERHEAD_RULE[method], 0.0))
                                         for n in range(1, min(64, num_blocks) + 1)}
                                for method in ("direct", "gpipe", "1f1b")}
     ideal = {}

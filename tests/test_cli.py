@@ -77,6 +77,7 @@ def test_torchrun_four_ranks_as_two_stages_of_two_replicas(tmp_path):
     assert sorted((r["stage"], r["replica"]) for r in phases) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["reduce"] >= 0 for r in phases)
 
+
 @pytest.mark.multirank
 def test_torchrun_bad_partition_fails_before_training(tmp_path):
     """Pinpoints a partition that does not fit the model being discovered late (or never)."""
