@@ -14,7 +14,9 @@ Two modes, one measurement core (:func:`measure_world`):
   - for each M: one rank at the per-rank thread budget (dkp, dfa, bp, and every block's
     phases for the cost model), one rank using all the cores (dkp: so that nobody mistakes a
     thread-starved baseline for a speed-up), and each N > 1 ranks: dkp and dfa through our
-    runtime, bp through torch.distributed.pipelining GPipe and 1F1B, all on one partition;
+    runtime, bp through torch.distributed.pipelining GPipe and 1F1B, all on one partition, and
+    between them dkp and bp on rank 0 alone: the unlocking speed-up's one-rank baseline, taken at
+    the same moments (the one-rank world, minutes away, calibrates the cost model);
   - with ``--replicas 2``: each N as N stages x 2 data-parallel replicas (dkp and bp), every
     replica on a batch of the configured size (weak scaling: the global batch grows with the
     replicas), where the machine has a core for every rank's threads;
@@ -105,15 +107,21 @@ ConfigFor = Callable[[Sequence[str]], Config]
 
 
 def measure_world(config_for: ConfigFor, variants: list[Variant], ctx: DistContext, *, microbatches: list[int],
-                  steps: int, warmup: int, block_costs: bool = False, link: bool = False) -> dict:
-    """Median step time of each variant at each M on this world, interleaved step by step."""
+                  steps: int, warmup: int, block_costs: bool = False, link: bool = False,
+                  alone: Sequence[Variant] = ()) -> dict:
+    """Median step time of each variant at each M on this world, interleaved step by step.
+
+    ``alone``: rules also stepped on rank 0 alone, between the world's steps (the other ranks wait
+    at the next barrier): the one-rank baseline of the unlocking speed-up, measured at the same
+    moments as the world it is compared with (under each M's ``"alone"``)."""
     out: dict = {"ranks": ctx.world_size, "threads_per_rank": torch.get_num_threads(), "by_microbatches": {}}
     partition: tuple[str, ...] = ()  # measured for the first M, then kept: one partition for all
     for m in microbatches:
         def variant_config(v: Variant, extra: Sequence[str] = (), m: int = m) -> Config:
             return config_for([*v.overrides, f"parallel.microbatches={m}", *partition, *extra])
 
-        result = _measure(variant_config, variants, ctx, steps=steps, warmup=warmup, block_costs=block_costs)
+        result = _measure(variant_config, variants, ctx, steps=steps, warmup=warmup, block_costs=block_costs,
+                          alone=alone)
         out["by_microbatches"][str(m)] = result
         partition = (f"parallel.partition={[b - a for a, b in result['partition']]}",)
     if link and ctx.distributed:
@@ -123,31 +131,49 @@ def measure_world(config_for: ConfigFor, variants: list[Variant], ctx: DistConte
 
 
 def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: int, warmup: int,
-             block_costs: bool) -> dict:
+             block_costs: bool, alone: Sequence[Variant] = ()) -> dict:
     # A balanced partition is measured, and measurements vary: decide it once, for every variant.
     first = build_job(config_for(variants[0]), ctx, profile=True)
     same = (f"parallel.partition={[len(r) for r in first.partition]}",)
     jobs = {variants[0].name: first,
             **{v.name: build_job(config_for(v, extra=same), ctx, profile=True) for v in variants[1:]}}
+    alone_jobs = {}
+    if alone and ctx.distributed and ctx.rank == 0:  # the whole network on this rank, in a world of its own
+        local = DistContext(device=ctx.device)
+        alone_jobs = {v.name: build_job(config_for(v, extra=("parallel.partition=[]", "parallel.stages=0",
+                                                             "parallel.replicas=1")), local, profile=True)
+                      for v in alone}
     x, y = next(iter(first.train_loader))
     samples: dict[str, list[float]] = {name: [] for name in jobs}
+    alone_samples: dict[str, list[float]] = {name: [] for name in alone_jobs}
     peak: dict[str, float] = {name: 0.0 for name in jobs}
     cuda = ctx.device.type == "cuda"
+
+    def timed_step(job) -> float:
+        _sync(ctx)
+        job.timer.start_step()
+        start = time.perf_counter()
+        train_step(job, x, y)
+        job.timer.end_step()
+        _sync(ctx)  # a benchmark waits for the device at step boundaries, never inside a step
+        return time.perf_counter() - start
+
     for step in range(warmup + steps):
         for name, job in jobs.items():
             ctx.barrier()  # every variant's step starts together on all ranks
-            _sync(ctx)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(ctx.device)
-            job.timer.start_step()
-            start = time.perf_counter()
-            train_step(job, x, y)
-            job.timer.end_step()
-            _sync(ctx)  # a benchmark waits for the device at step boundaries, never inside a step
+            elapsed = timed_step(job)
             if step >= warmup:
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(elapsed)
                 if cuda:
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(ctx.device) / 2**20)
+        for v in alone if ctx.distributed else ():
+            ctx.barrier()  # the other ranks wait here, idle, while rank 0 steps alone
+            if v.name in alone_jobs:
+                elapsed = timed_step(alone_jobs[v.name])
+                if step >= warmup:
+                    alone_samples[v.name].append(elapsed)
     # A step is over when its slowest rank is (the next one starts with a barrier).
     per_rank = ctx.all_gather_object({"samples": samples, "peak": peak,
                                       "phases": {n: j.timer.summary(skip=warmup) for n, j in jobs.items()}})
@@ -164,6 +190,13 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
         "peak_memory_mb_per_rank": {name: [r["peak"][name] for r in per_rank] for name in jobs} if cuda else None,
         "configs": {name: to_dict(job.cfg) for name, job in jobs.items()},
     }
+    if alone and ctx.distributed:
+        phases = {n: j.timer.summary(skip=warmup) for n, j in alone_jobs.items()}
+        gathered = ctx.broadcast_object((alone_samples, phases) if ctx.rank == 0 else None, src=0)
+        result["alone"] = {
+            "rules": {name: {"median_s": statistics.median(s), "samples_s": s} for name, s in gathered[0].items()},
+            "phases": gathered[1],
+        }
     if block_costs and not ctx.distributed:
         from parallel_dkp.parallel.costs import measure_block_phases
 
@@ -172,7 +205,7 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
             cfg, x[:microbatch], y[:microbatch], num_classes=first.info.num_classes, total=cfg.data.batch_size,
             device=ctx.device,
         ).as_dict()
-    del jobs, first
+    del jobs, first, alone_jobs
     return result
 
 
@@ -261,6 +294,8 @@ class WorldSpec:
     variants: tuple[str, ...]
     microbatches: tuple[int, ...]
     replicas: int = 1
+    alone: tuple[str, ...] = ()
+    """Rules also stepped on rank 0 alone between the world's steps (:func:`measure_world`)."""
 
     @property
     def key(self) -> str:
@@ -279,8 +314,8 @@ def unlocking_worlds(ranks: list[int], microbatches: list[int], *, threads: int,
         WorldSpec("single_device", 1, all_cores, ("bp", "dfa", "dkp"), tuple(dict.fromkeys([1, *microbatches]))),
         WorldSpec("per_rank", 1, threads, ("dkp", "dfa", "bp"), tuple(microbatches)),
     ]
-    worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", "bp@gpipe", "bp@1f1b"), tuple(microbatches))
-               for n in ranks if n > 1]
+    worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", "bp@gpipe", "bp@1f1b"), tuple(microbatches),
+                         alone=("dkp", "bp")) for n in ranks if n > 1]
     worlds += [WorldSpec("mesh", n, threads, ("dkp", "bp@1f1b" if n > 1 else "bp"), tuple(microbatches), r)
                for r in replicas if r > 1 for n in ranks]
     return worlds
@@ -337,7 +372,8 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool, batch_size: int) ->
                 f"data.batch_size={batch_size * spec.replicas}"]
     cmd = ["-m", "parallel_dkp", "bench", *(["--config", args.config] if args.config else []),
            *[a for s in [*args.overrides, *mesh] for a in ("--set", s)], "--set", "run.device=cpu",
-           "--rules", ",".join(spec.variants), "--microbatches", ",".join(map(str, spec.microbatches)),
+           "--rules", ",".join(spec.variants), *(["--alone", ",".join(spec.alone)] if spec.alone else []),
+           "--microbatches", ",".join(map(str, spec.microbatches)),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out), "--quiet"]
     if cost:
         cmd.append("--block-costs")
@@ -361,18 +397,22 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool, batch_size: int) ->
 def _merge(merged: dict, key: str, world: dict) -> None:
     """Pool a world's samples across rounds (and keep each round's median); the first round's
     other fields stay."""
+    def rows(res: dict) -> dict:  # the world's variants, and those stepped on rank 0 alone
+        return {**{("world", n): r for n, r in res["rules"].items()},
+                **{("alone", n): r for n, r in res.get("alone", {}).get("rules", {}).items()}}
+
     for res in world["by_microbatches"].values():
-        for row in res["rules"].values():
+        for row in rows(res).values():
             row["round_medians_s"] = [row["median_s"]]
     if key not in merged:
         merged[key] = world
         return
     for m, res in world["by_microbatches"].items():
-        for name, row in res["rules"].items():
-            mine = merged[key]["by_microbatches"][m]["rules"][name]
-            mine["samples_s"] += row["samples_s"]
-            mine["median_s"] = statistics.median(mine["samples_s"])
-            mine["round_medians_s"] += row["round_medians_s"]
+        mine = rows(merged[key]["by_microbatches"][m])
+        for name, row in rows(res).items():
+            mine[name]["samples_s"] += row["samples_s"]
+            mine[name]["median_s"] = statistics.median(mine[name]["samples_s"])
+            mine[name]["round_medians_s"] += row["round_medians_s"]
 
 
 def ratios_by_round(numerator: dict, denominator: dict) -> list[float]:
@@ -390,29 +430,43 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
     def median(world: dict, m: int, name: str) -> float:
         return world["by_microbatches"][str(m)]["rules"][name]["median_s"]
 
-    def by_round(one: dict, many: dict, m: int, one_name: str, many_name: str) -> list[float]:
-        rows = (w["by_microbatches"][str(m)]["rules"][n] for w, n in ((one, one_name), (many, many_name)))
-        return ratios_by_round(*rows)
+    def one_rank(pipe: dict, m: int, name: str) -> dict:
+        """The one-rank row an N-rank world is compared with: its own steps of rank 0 alone, taken
+        between the world's (so a drifting machine hits both alike), else the per-rank world's."""
+        alone = pipe["by_microbatches"][str(m)].get("alone", {}).get("rules", {})
+        return alone[name] if name in alone else per_rank["by_microbatches"][str(m)]["rules"][name]
+
+    def speedup(pipe: dict, m: int, one_name: str, many_name: str) -> tuple[float, list[float]]:
+        """One rank's step time over the world's, pooled and round by round."""
+        one, many = one_rank(pipe, m, one_name), pipe["by_microbatches"][str(m)]["rules"][many_name]
+        return one["median_s"] / many["median_s"], ratios_by_round(one, many)
 
     largest = max(ranks)
     ratios_by_ranks: dict[str, dict] = {}
     for n in ranks[1:]:
         pipe = by_role["pipeline", n]
-        ratios_by_ranks[str(n)] = {str(m): {
-            "dkp_over_bp_single_device": median(single, 1, "dkp") / median(single, 1, "bp"),
-            "dfa_over_bp_single_device": median(single, 1, "dfa") / median(single, 1, "bp"),
-            "dkp_over_bp_gpipe": median(pipe, m, "dkp") / median(pipe, m, "bp@gpipe"),
-            "dkp_over_bp_1f1b": median(pipe, m, "dkp") / median(pipe, m, "bp@1f1b"),
-            "dfa_over_bp_gpipe": median(pipe, m, "dfa") / median(pipe, m, "bp@gpipe"),
-            "dfa_over_bp_1f1b": median(pipe, m, "dfa") / median(pipe, m, "bp@1f1b"),
-            "dkp_unlocking_speedup": median(per_rank, m, "dkp") / median(pipe, m, "dkp"),
-            "dkp_speedup_over_one_rank_all_cores": median(single, m, "dkp") / median(pipe, m, "dkp"),
-            "bp_1f1b_speedup": median(per_rank, m, "bp") / median(pipe, m, "bp@1f1b"),
-            # Worlds run one after the other; within a round they are minutes apart at most, so a
-            # drifting machine shows as spread here (the pooled ratios above average it out).
-            "dkp_unlocking_speedup_by_round": by_round(per_rank, pipe, m, "dkp", "dkp"),
-            "bp_1f1b_speedup_by_round": by_round(per_rank, pipe, m, "bp", "bp@1f1b"),
-        } for m in microbatches}
+        ratios_by_ranks[str(n)] = {}
+        for m in microbatches:
+            unlocking, unlocking_by_round = speedup(pipe, m, "dkp", "dkp")
+            bp_speedup, bp_by_round = speedup(pipe, m, "bp", "bp@1f1b")
+            ratios_by_ranks[str(n)][str(m)] = {
+                "dkp_over_bp_single_device": median(single, 1, "dkp") / median(single, 1, "bp"),
+                "dfa_over_bp_single_device": median(single, 1, "dfa") / median(single, 1, "bp"),
+                "dkp_over_bp_gpipe": median(pipe, m, "dkp") / median(pipe, m, "bp@gpipe"),
+                "dkp_over_bp_1f1b": median(pipe, m, "dkp") / median(pipe, m, "bp@1f1b"),
+                "dfa_over_bp_gpipe": median(pipe, m, "dfa") / median(pipe, m, "bp@gpipe"),
+                "dfa_over_bp_1f1b": median(pipe, m, "dfa") / median(pipe, m, "bp@1f1b"),
+                "dkp_unlocking_speedup": unlocking,
+                "dkp_speedup_over_one_rank_all_cores": median(single, m, "dkp") / median(pipe, m, "dkp"),
+                "bp_1f1b_speedup": bp_speedup,
+                # Each round is a separate launch of the world, minutes after the last: a drifting
+                # machine shows as spread here (the pooled ratios above average it out).
+                "dkp_unlocking_speedup_by_round": unlocking_by_round,
+                "bp_1f1b_speedup_by_round": bp_by_round,
+                # The same against the one-rank world launched on its own, minutes apart: what this
+                # benchmark reported before the one-rank steps were interleaved with the world's.
+                "dkp_unlocking_speedup_across_worlds": median(per_rank, m, "dkp") / median(pipe, m, "dkp"),
+            }
     headline = ratios_by_ranks.get(str(largest), {})
     result = {
         "model": per_rank["by_microbatches"][str(microbatches[0])]["model"],
@@ -482,6 +536,25 @@ def step_overheads(phases_per_rank: dict) -> dict[str, float]:
             for name, p in phases_per_rank.items() if p and p[0].get("step")}
 
 
+def machine_levels(world_res: dict, per_rank_res: dict) -> dict[str, float]:
+    """How fast the machine ran while a world was measured, against the one-rank world the block
+    costs were calibrated in: per rule stepped on rank 0 alone beside the world (``"alone"``), its
+    step time there over the one-rank world's (1.2: everything took 20 % longer). A shared or
+    throttled machine drifts between worlds measured minutes apart; this is what a prediction of
+    the world is scaled by. Empty where the world stepped nothing alone."""
+    one = per_rank_res["rules"]
+    return {name: row["median_s"] / one[name]["median_s"]
+            for name, row in world_res.get("alone", {}).get("rules", {}).items() if name in one}
+
+
+def _level(levels: dict[str, float], rule: str) -> float:
+    """A rule's machine level: its own, else that of the rules with its kind of signal, else any."""
+    if rule in levels:
+        return levels[rule]
+    alike = [v for r, v in levels.items() if RULES[r].signal == RULES[rule].signal] or list(levels.values())
+    return statistics.mean(alike) if alike else 1.0
+
+
 _OVERHEAD_RULE = {"direct": "dkp", "gpipe": "bp", "1f1b": "bp"}
 """Whose measured per-step overhead the predictions to 64 ranks take, by method."""
 
@@ -512,18 +585,21 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
         for n, replicas, world in worlds:
             res = world["by_microbatches"][str(m)]
             partition = [range(a, b) for a, b in res["partition"]]
+            levels = machine_levels(res, one)
             for name, row in res["rules"].items():
                 variant = Variant.parse(name)
                 method = variant.method(default_schedule="gpipe")
-                overhead = overhead_by_m[m].get(variant.rule, 0.0)
+                level = _level(levels, variant.rule)
+                calibrated = by_rule.get(variant.rule, costs).scaled(dict.fromkeys(costmodel.TIMED_PHASES, level))
+                overhead = level * overhead_by_m[m].get(variant.rule, 0.0)
                 predicted, from_isolated = (
                     costmodel.simulate(costmodel.stage_costs(c, partition, method), microbatches=m, method=method,
                                        link=lk, error_bytes=c.error_bytes, replicas=replicas, step_overhead=o)
-                    for c, lk, o in ((by_rule.get(variant.rule, costs), link, overhead),
+                    for c, lk, o in ((calibrated, link, overhead),
                                      (isolated, replace(link, host_copies=False), 0.0)))
                 measured = row["median_s"]
                 rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
-                             "measured_s": measured, "predicted_s": predicted,
+                             "measured_s": measured, "predicted_s": predicted, "machine_level": level,
                              "relative_error": abs(predicted - measured) / measured,
                              "predicted_from_isolated_s": from_isolated,
                              "relative_error_from_isolated": abs(from_isolated - measured) / measured})
@@ -611,7 +687,8 @@ def run_unlocking_in_world(config_for: ConfigFor, args, ctx: DistContext, consol
     merged = {single.key: one, per_rank.key: one}
     for spec in worlds[2:]:
         merged[spec.key] = measure_world(config_for, [Variant.parse(v) for v in spec.variants], ctx,
-                                         microbatches=micro, steps=args.steps, warmup=args.warmup, link=True)
+                                         microbatches=micro, steps=args.steps, warmup=args.warmup, link=True,
+                                         alone=[Variant.parse(v) for v in spec.alone])
     result = assemble(merged, worlds, ranks=ranks, microbatches=micro)
     result["machine"] = machine(ctx)
     return result

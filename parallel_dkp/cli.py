@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rules", default="bp,dfa,dkp",
                        help="comma-separated variants, the first is the baseline; a chained rule may name its "
                             "pipeline schedule, e.g. bp@1f1b (default: bp,dfa,dkp; ignored with --ranks)")
+    bench.add_argument("--alone", default="",
+                       help="under torchrun, also step these rules on rank 0 alone between the world's steps (the "
+                            "one-rank baseline, measured at the same moments), e.g. --alone dkp,bp")
     bench.add_argument("--ranks", help="the unlocking benchmark over these world sizes, e.g. 1,2 (1 is always added)")
     bench.add_argument("--microbatches", help="comma-separated micro-batch counts M (default: parallel.microbatches; "
                                               "4 with --ranks); the first gives the headline ratios")
@@ -104,6 +107,7 @@ def _bench(args, cfg, console: Console) -> None:
     if not variants:
         raise ValueError(f"--rules {args.rules!r} names no rule; give a comma-separated list, e.g. --rules bp,dfa,dkp "
                          "(the first is the baseline)")
+    alone = [bench.Variant.parse(v) for v in args.alone.split(",") if v.strip()]
     if args.ranks and not args.microbatches:
         args.microbatches = "4"
     microbatches = bench.parse_list(args.microbatches, "--microbatches") if args.microbatches else None
@@ -129,7 +133,7 @@ def _bench(args, cfg, console: Console) -> None:
         else:
             result = bench.measure_world(config_for, variants, ctx, microbatches=microbatches or
                                          [cfg.parallel.microbatches], steps=args.steps, warmup=args.warmup,
-                                         block_costs=args.block_costs, link=True)
+                                         block_costs=args.block_costs, link=True, alone=alone)
             result["machine"] = bench.machine(ctx)
         result["command"] = " ".join(sys.argv)
         if ctx.reports:

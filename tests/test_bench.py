@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from parallel_dkp.bench import Variant, _merge, parse_list, ratios_by_round
+from parallel_dkp.bench import Variant, _level, _merge, machine_levels, parse_list, ratios_by_round
 from parallel_dkp.config import load_config
 from parallel_dkp.models import block_output_shapes, build_blocks
 from parallel_dkp.parallel import costmodel
@@ -49,7 +49,13 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert set(step) == {"dkp", "dfa", "bp@gpipe", "bp@1f1b"}
     by4 = r["ratios_by_microbatches"]["4"]
     assert by4["dkp_over_bp_1f1b"] == pytest.approx(step["dkp"] / step["bp@1f1b"])
-    assert by4["dkp_unlocking_speedup"] == pytest.approx(one["rules"]["dkp"]["median_s"] / step["dkp"])
+    # the one-rank baseline: rank 0 alone, stepped between the 2-rank world's steps
+    alone = pipe["alone"]["rules"]
+    assert set(alone) == {"dkp", "bp"} and len(alone["dkp"]["samples_s"]) == 1  # --steps 1, one round
+    assert set(pipe["alone"]["phases"]["dkp"]) >= {"forward", "update", "step"}
+    assert by4["dkp_unlocking_speedup"] == pytest.approx(alone["dkp"]["median_s"] / step["dkp"])
+    assert by4["bp_1f1b_speedup"] == pytest.approx(alone["bp"]["median_s"] / step["bp@1f1b"])
+    assert by4["dkp_unlocking_speedup_across_worlds"] == pytest.approx(one["rules"]["dkp"]["median_s"] / step["dkp"])
     assert by4["dkp_unlocking_speedup_by_round"] == [pytest.approx(by4["dkp_unlocking_speedup"])]  # one round
     # per rank: phases, idle fraction, memory
     for phases in pipe["phases_per_rank"]["dkp"]:
@@ -87,6 +93,13 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert factors["dkp"]["forward"] * 4 * sum(costs["forward"]) == pytest.approx(phases["dkp"][0]["forward"])
     assert factors["dkp"]["backward"] * 4 * sum(costs["backward"]) == pytest.approx(phases["bp"][0]["update"])
     assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
+    # a world is predicted at the machine's speed while it ran: rank 0 alone there against the one-rank world
+    levels = {(row["ranks"], row["replicas"], row["microbatches"], row["variant"]): row["machine_level"]
+              for row in cm["validation"]}
+    assert levels[2, 1, 4, "dkp"] == pytest.approx(alone["dkp"]["median_s"] / one["rules"]["dkp"]["median_s"])
+    assert levels[2, 1, 4, "bp@1f1b"] == pytest.approx(alone["bp"]["median_s"] / one["rules"]["bp"]["median_s"])
+    assert levels[2, 1, 4, "dfa"] == levels[2, 1, 4, "dkp"]  # not stepped alone: the other direct rule's
+    assert levels[1, 1, 4, "dkp"] == 1.0  # the one-rank world is the calibration itself
     assert set(cm["predictions_s"]["4"]["direct"]) == {"1", "2", "3", "4"}
     assert set(cm["ideal"]["4"]["2"]) == {"dkp_unlocking_speedup", "dkp_over_bp_1f1b"}
 
@@ -105,6 +118,31 @@ def test_rounds_pool_their_samples_and_keep_their_own_medians():
     assert rules["dkp"]["samples_s"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert rules["dkp"]["median_s"] == 3.5 and rules["dkp"]["round_medians_s"] == [2.0, 5.0]
     assert ratios_by_round(rules["dkp"], rules["bp"]) == [1.0, 5.0]
+
+
+def test_rounds_pool_the_steps_of_rank_0_alone_too():
+    """Pinpoints a merge that pools the world's variants but keeps only the first round of the
+    one-rank steps interleaved with them."""
+    def world(t: float) -> dict:
+        return {"by_microbatches": {"4": {"rules": {"dkp": {"median_s": t, "samples_s": [t]}},
+                                          "alone": {"rules": {"dkp": {"median_s": 2 * t, "samples_s": [2 * t]}}}}}}
+
+    merged: dict = {}
+    _merge(merged, "w", world(1.0))
+    _merge(merged, "w", world(3.0))
+    res = merged["w"]["by_microbatches"]["4"]
+    assert res["alone"]["rules"]["dkp"]["samples_s"] == [2.0, 6.0] and res["alone"]["rules"]["dkp"]["median_s"] == 4.0
+    assert ratios_by_round(res["alone"]["rules"]["dkp"], res["rules"]["dkp"]) == [2.0, 2.0]
+
+
+def test_machine_levels_compare_rank_0_alone_with_the_one_rank_world():
+    world = {"alone": {"rules": {"dkp": {"median_s": 3.0}, "bp": {"median_s": 2.0}}}}
+    one = {"rules": {"dkp": {"median_s": 2.0}, "bp": {"median_s": 2.0}, "dfa": {"median_s": 1.0}}}
+    levels = machine_levels(world, one)
+    assert levels == {"dkp": 1.5, "bp": 1.0}
+    assert _level(levels, "dfa") == 1.5 and _level(levels, "kp") == 1.0  # same kind of signal
+    assert _level(levels, "drtp") == 1.25  # no rule of its kind: the mean
+    assert machine_levels({"rules": {}}, one) == {} and _level({}, "dkp") == 1.0
 
 
 def test_unlocking_benchmark_refuses_more_ranks_than_blocks(tmp_path):

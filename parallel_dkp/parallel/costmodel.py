@@ -60,6 +60,10 @@ class Link:
         return num_bytes / self.bandwidth_Bps if self.host_copies else 0.0
 
 
+TIMED_PHASES = ("forward", "backward", "update", "optim_bp", "optim_direct")
+"""The per-block times a :class:`BlockCosts` holds."""
+
+
 @dataclass(frozen=True)
 class BlockCosts:
     """Measured seconds per micro-batch of every block (lists indexed by block), and bytes."""
@@ -104,7 +108,7 @@ class BlockCosts:
     def scaled(self, factors: dict[str, float]) -> "BlockCosts":
         """Every block's time of each named phase (``forward``, ``backward``, ``update``,
         ``optim_bp``, ``optim_direct``) multiplied by its factor; bytes unchanged."""
-        unknown = set(factors) - {"forward", "backward", "update", "optim_bp", "optim_direct"}
+        unknown = set(factors) - set(TIMED_PHASES)
         if unknown:
             raise ValueError(f"no such phase to scale: {sorted(unknown)}")
         return replace(self, **{k: [v * f for v in getattr(self, k)] for k, f in factors.items()})
