@@ -113,7 +113,10 @@ def measure_world(config_for: ConfigFor, variants: list[Variant], ctx: DistConte
 
     ``alone``: rules also stepped on rank 0 alone, between the world's steps (the other ranks wait
     at the next barrier): the one-rank baseline of the unlocking speed-up, measured at the same
-    moments as the world it is compared with (under each M's ``"alone"``)."""
+    moments as the world it is compared with (under each M's ``"alone"``). Each is then stepped
+    on every rank at once, each rank with the whole network and no messages (``"together"``, a
+    step's time the slowest rank's): what N busy ranks of this machine do to one another, the
+    ceiling of any N-rank scheme at that time (:func:`assemble`'s ``*_parallel_ceiling``)."""
     out: dict = {"ranks": ctx.world_size, "threads_per_rank": torch.get_num_threads(), "by_microbatches": {}}
     partition: tuple[str, ...] = ()  # measured for the first M, then kept: one partition for all
     for m in microbatches:
@@ -137,15 +140,18 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
     same = (f"parallel.partition={[len(r) for r in first.partition]}",)
     jobs = {variants[0].name: first,
             **{v.name: build_job(config_for(v, extra=same), ctx, profile=True) for v in variants[1:]}}
-    alone_jobs = {}
-    if alone and ctx.distributed and ctx.rank == 0:  # the whole network on this rank, in a world of its own
-        local = DistContext(device=ctx.device)
-        alone_jobs = {v.name: build_job(config_for(v, extra=("parallel.partition=[]", "parallel.stages=0",
-                                                             "parallel.replicas=1")), local, profile=True)
-                      for v in alone}
+    alone = list(alone) if ctx.distributed else []
+
+    def whole_network(v: Variant):  # on this rank, in a world of its own
+        return build_job(config_for(v, extra=("parallel.partition=[]", "parallel.stages=0", "parallel.replicas=1")),
+                         DistContext(device=ctx.device), profile=True)
+
+    alone_jobs = {v.name: whole_network(v) for v in alone} if ctx.rank == 0 else {}
+    together_jobs = {v.name: whole_network(v) for v in alone}
     x, y = next(iter(first.train_loader))
     samples: dict[str, list[float]] = {name: [] for name in jobs}
     alone_samples: dict[str, list[float]] = {name: [] for name in alone_jobs}
+    together_samples: dict[str, list[float]] = {name: [] for name in together_jobs}
     peak: dict[str, float] = {name: 0.0 for name in jobs}
     cuda = ctx.device.type == "cuda"
 
@@ -168,14 +174,18 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
                 samples[name].append(elapsed)
                 if cuda:
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(ctx.device) / 2**20)
-        for v in alone if ctx.distributed else ():
+        for v in alone:
             ctx.barrier()  # the other ranks wait here, idle, while rank 0 steps alone
             if v.name in alone_jobs:
                 elapsed = timed_step(alone_jobs[v.name])
                 if step >= warmup:
                     alone_samples[v.name].append(elapsed)
+            ctx.barrier()  # then every rank steps its own copy at once
+            elapsed = timed_step(together_jobs[v.name])
+            if step >= warmup:
+                together_samples[v.name].append(elapsed)
     # A step is over when its slowest rank is (the next one starts with a barrier).
-    per_rank = ctx.all_gather_object({"samples": samples, "peak": peak,
+    per_rank = ctx.all_gather_object({"samples": samples, "peak": peak, "together": together_samples,
                                       "phases": {n: j.timer.summary(skip=warmup) for n, j in jobs.items()}})
     slowest = {name: [max(r["samples"][name][i] for r in per_rank) for i in range(steps)] for name in jobs}
     base = statistics.median(slowest[variants[0].name])
@@ -190,13 +200,17 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
         "peak_memory_mb_per_rank": {name: [r["peak"][name] for r in per_rank] for name in jobs} if cuda else None,
         "configs": {name: to_dict(job.cfg) for name, job in jobs.items()},
     }
-    if alone and ctx.distributed:
+    if alone:
         phases = {n: j.timer.summary(skip=warmup) for n, j in alone_jobs.items()}
         gathered = ctx.broadcast_object((alone_samples, phases) if ctx.rank == 0 else None, src=0)
         result["alone"] = {
             "rules": {name: {"median_s": statistics.median(s), "samples_s": s} for name, s in gathered[0].items()},
             "phases": gathered[1],
         }
+        together = {name: [max(r["together"][name][i] for r in per_rank) for i in range(steps)]
+                    for name in together_jobs}
+        result["together"] = {"rules": {name: {"median_s": statistics.median(s), "samples_s": s}
+                                        for name, s in together.items()}}
     if block_costs and not ctx.distributed:
         from parallel_dkp.parallel.costs import measure_block_phases
 
@@ -205,7 +219,7 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
             cfg, x[:microbatch], y[:microbatch], num_classes=first.info.num_classes, total=cfg.data.batch_size,
             device=ctx.device,
         ).as_dict()
-    del jobs, first, alone_jobs
+    del jobs, first, alone_jobs, together_jobs
     return result
 
 
@@ -397,9 +411,9 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool, batch_size: int) ->
 def _merge(merged: dict, key: str, world: dict) -> None:
     """Pool a world's samples across rounds (and keep each round's median); the first round's
     other fields stay."""
-    def rows(res: dict) -> dict:  # the world's variants, and those stepped on rank 0 alone
-        return {**{("world", n): r for n, r in res["rules"].items()},
-                **{("alone", n): r for n, r in res.get("alone", {}).get("rules", {}).items()}}
+    def rows(res: dict) -> dict:  # the world's variants, and those stepped alone and together
+        return {(part, name): row for part in ("rules", "alone", "together")
+                for name, row in (res[part] if part == "rules" else res.get(part, {}).get("rules", {})).items()}
 
     for res in world["by_microbatches"].values():
         for row in rows(res).values():
@@ -467,6 +481,13 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
                 # benchmark reported before the one-rank steps were interleaved with the world's.
                 "dkp_unlocking_speedup_across_worlds": median(per_rank, m, "dkp") / median(pipe, m, "dkp"),
             }
+            res, row = pipe["by_microbatches"][str(m)], ratios_by_ranks[str(n)][str(m)]
+            for rule, together in res.get("together", {}).get("rules", {}).items():
+                # N copies of the whole network at once, no messages: what N ranks of this machine can
+                # give any scheme at that time (N on a machine whose ranks do not slow each other)
+                alone = res["alone"]["rules"][rule]
+                row[f"{rule}_parallel_ceiling"] = n * alone["median_s"] / together["median_s"]
+                row[f"{rule}_parallel_ceiling_by_round"] = [n * r for r in ratios_by_round(alone, together)]
     headline = ratios_by_ranks.get(str(largest), {})
     result = {
         "model": per_rank["by_microbatches"][str(microbatches[0])]["model"],
@@ -538,13 +559,15 @@ def step_overheads(phases_per_rank: dict) -> dict[str, float]:
 
 def machine_levels(world_res: dict, per_rank_res: dict) -> dict[str, float]:
     """How fast the machine ran while a world was measured, against the one-rank world the block
-    costs were calibrated in: per rule stepped on rank 0 alone beside the world (``"alone"``), its
-    step time there over the one-rank world's (1.2: everything took 20 % longer). A shared or
-    throttled machine drifts between worlds measured minutes apart; this is what a prediction of
-    the world is scaled by. Empty where the world stepped nothing alone."""
+    costs were calibrated in: per rule stepped beside the world with every rank busy
+    (``"together"``; else rank 0 ``"alone"``), its step time there over the one-rank world's
+    (1.2: everything took 20 % longer). A shared or throttled machine drifts between worlds
+    measured minutes apart, and busy ranks can slow one another; this is what a prediction of the
+    world is scaled by. Empty where the world stepped nothing beside its own steps."""
     one = per_rank_res["rules"]
+    beside = world_res.get("together") or world_res.get("alone") or {}
     return {name: row["median_s"] / one[name]["median_s"]
-            for name, row in world_res.get("alone", {}).get("rules", {}).items() if name in one}
+            for name, row in beside.get("rules", {}).items() if name in one}
 
 
 def _level(levels: dict[str, float], rule: str) -> float:

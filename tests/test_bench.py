@@ -57,6 +57,11 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert by4["bp_1f1b_speedup"] == pytest.approx(alone["bp"]["median_s"] / step["bp@1f1b"])
     assert by4["dkp_unlocking_speedup_across_worlds"] == pytest.approx(one["rules"]["dkp"]["median_s"] / step["dkp"])
     assert by4["dkp_unlocking_speedup_by_round"] == [pytest.approx(by4["dkp_unlocking_speedup"])]  # one round
+    # both ranks stepping the whole network at once: the ceiling of any 2-rank scheme at that time
+    together = pipe["together"]["rules"]
+    assert set(together) == {"dkp", "bp"} and len(together["bp"]["samples_s"]) == 1
+    assert by4["dkp_parallel_ceiling"] == pytest.approx(2 * alone["dkp"]["median_s"] / together["dkp"]["median_s"])
+    assert by4["bp_parallel_ceiling_by_round"] == [pytest.approx(by4["bp_parallel_ceiling"])]
     # per rank: phases, idle fraction, memory
     for phases in pipe["phases_per_rank"]["dkp"]:
         assert {"forward", "update", "wait", "send", "idle_fraction"} <= set(phases)
@@ -93,11 +98,11 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert factors["dkp"]["forward"] * 4 * sum(costs["forward"]) == pytest.approx(phases["dkp"][0]["forward"])
     assert factors["dkp"]["backward"] * 4 * sum(costs["backward"]) == pytest.approx(phases["bp"][0]["update"])
     assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
-    # a world is predicted at the machine's speed while it ran: rank 0 alone there against the one-rank world
+    # a world is predicted at the machine's speed while it ran, every rank busy, against the one-rank world
     levels = {(row["ranks"], row["replicas"], row["microbatches"], row["variant"]): row["machine_level"]
               for row in cm["validation"]}
-    assert levels[2, 1, 4, "dkp"] == pytest.approx(alone["dkp"]["median_s"] / one["rules"]["dkp"]["median_s"])
-    assert levels[2, 1, 4, "bp@1f1b"] == pytest.approx(alone["bp"]["median_s"] / one["rules"]["bp"]["median_s"])
+    assert levels[2, 1, 4, "dkp"] == pytest.approx(together["dkp"]["median_s"] / one["rules"]["dkp"]["median_s"])
+    assert levels[2, 1, 4, "bp@1f1b"] == pytest.approx(together["bp"]["median_s"] / one["rules"]["bp"]["median_s"])
     assert levels[2, 1, 4, "dfa"] == levels[2, 1, 4, "dkp"]  # not stepped alone: the other direct rule's
     assert levels[1, 1, 4, "dkp"] == 1.0  # the one-rank world is the calibration itself
     assert set(cm["predictions_s"]["4"]["direct"]) == {"1", "2", "3", "4"}
@@ -120,24 +125,27 @@ def test_rounds_pool_their_samples_and_keep_their_own_medians():
     assert ratios_by_round(rules["dkp"], rules["bp"]) == [1.0, 5.0]
 
 
-def test_rounds_pool_the_steps_of_rank_0_alone_too():
+def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
     """Pinpoints a merge that pools the world's variants but keeps only the first round of the
     one-rank steps interleaved with them."""
     def world(t: float) -> dict:
         return {"by_microbatches": {"4": {"rules": {"dkp": {"median_s": t, "samples_s": [t]}},
-                                          "alone": {"rules": {"dkp": {"median_s": 2 * t, "samples_s": [2 * t]}}}}}}
+                                          "alone": {"rules": {"dkp": {"median_s": 2 * t, "samples_s": [2 * t]}}},
+                                          "together": {"rules": {"dkp": {"median_s": 3 * t, "samples_s": [3 * t]}}}}}}
 
     merged: dict = {}
     _merge(merged, "w", world(1.0))
     _merge(merged, "w", world(3.0))
     res = merged["w"]["by_microbatches"]["4"]
     assert res["alone"]["rules"]["dkp"]["samples_s"] == [2.0, 6.0] and res["alone"]["rules"]["dkp"]["median_s"] == 4.0
+    assert res["together"]["rules"]["dkp"]["round_medians_s"] == [3.0, 9.0]
     assert ratios_by_round(res["alone"]["rules"]["dkp"], res["rules"]["dkp"]) == [2.0, 2.0]
 
 
-def test_machine_levels_compare_rank_0_alone_with_the_one_rank_world():
+def test_machine_levels_compare_the_ranks_beside_a_world_with_the_one_rank_world():
     world = {"alone": {"rules": {"dkp": {"median_s": 3.0}, "bp": {"median_s": 2.0}}}}
     one = {"rules": {"dkp": {"median_s": 2.0}, "bp": {"median_s": 2.0}, "dfa": {"median_s": 1.0}}}
+    assert machine_levels({**world, "together": {"rules": {"dkp": {"median_s": 4.0}}}}, one) == {"dkp": 2.0}
     levels = machine_levels(world, one)
     assert levels == {"dkp": 1.5, "bp": 1.0}
     assert _level(levels, "dfa") == 1.5 and _level(levels, "kp") == 1.0  # same kind of signal
