@@ -54,14 +54,19 @@ from parallel_dkp.train import build_job, train_step
 
 @dataclass(frozen=True)
 class Variant:
-    """A rule, and for a chained rule on several ranks the pipeline schedule: ``bp@1f1b``."""
+    """A rule, for a chained rule on several ranks the pipeline schedule, and optionally the
+    memory layout against the run's: ``bp@1f1b``, ``bp@1f1b:nchw``."""
 
     rule: str
     schedule: str = ""
+    layout: str = ""
+    """``nchw``: 4-D weights and activations in the default layout, whatever ``run.channels_last``
+    says (a baseline that runs faster that way is measured that way too)."""
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
-        rule, _, schedule = text.strip().partition("@")
+        head, _, layout = text.strip().partition(":")
+        rule, _, schedule = head.partition("@")
         if rule not in RULES:
             raise ValueError(f"bench variant {text!r}: {rule!r} is not a rule ({', '.join(RULES)})")
         if schedule and schedule not in ("gpipe", "1f1b"):
@@ -69,15 +74,19 @@ class Variant:
         if schedule and RULES[rule].signal != "chain":
             raise ValueError(f"bench variant {text!r}: {rule} is backward-unlocked; @{schedule} is for the "
                              "chained rules (bp, bp_fc_only, fa, kp) that run through torch's pipelining")
-        return cls(rule, schedule)
+        if layout not in ("", "nchw"):
+            raise ValueError(f"bench variant {text!r}: the layout after : must be nchw (the default layout)")
+        return cls(rule, schedule, layout)
 
     @property
     def name(self) -> str:
-        return f"{self.rule}@{self.schedule}" if self.schedule else self.rule
+        name = f"{self.rule}@{self.schedule}" if self.schedule else self.rule
+        return f"{name}:{self.layout}" if self.layout else name
 
     @property
     def overrides(self) -> tuple[str, ...]:
-        return (f"rule.name={self.rule}",) + ((f"parallel.schedule={self.schedule}",) if self.schedule else ())
+        return ((f"rule.name={self.rule}",) + ((f"parallel.schedule={self.schedule}",) if self.schedule else ())
+                + (("run.channels_last=false",) if self.layout else ()))
 
     def method(self, default_schedule: str) -> costmodel.Method:
         signal = RULES[self.rule].signal
@@ -323,12 +332,16 @@ class WorldSpec:
 
 
 def unlocking_worlds(ranks: list[int], microbatches: list[int], *, threads: int, all_cores: int,
-                     replicas: Sequence[int] = (1,)) -> list[WorldSpec]:
+                     replicas: Sequence[int] = (1,), channels_last: bool = False) -> list[WorldSpec]:
+    """The worlds of the unlocking benchmark. With ``channels_last`` the N-rank worlds also run bp
+    through torch's 1F1B in the default layout: its engine re-lays activations and gradients out at
+    every stage boundary, so it may be faster that way, and dkp is compared with the faster bp."""
+    torch_bp = ("bp@gpipe", "bp@1f1b", *(("bp@1f1b:nchw",) if channels_last else ()))
     worlds = [
         WorldSpec("single_device", 1, all_cores, ("bp", "dfa", "dkp"), tuple(dict.fromkeys([1, *microbatches]))),
         WorldSpec("per_rank", 1, threads, ("dkp", "dfa", "bp"), tuple(microbatches)),
     ]
-    worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", "bp@gpipe", "bp@1f1b"), tuple(microbatches),
+    worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", *torch_bp), tuple(microbatches),
                          alone=("dkp", "bp")) for n in ranks if n > 1]
     worlds += [WorldSpec("mesh", n, threads, ("dkp", "bp@1f1b" if n > 1 else "bp"), tuple(microbatches), r)
                for r in replicas if r > 1 for n in ranks]
@@ -354,7 +367,8 @@ def run_unlocking(args, config: Config, console: Console) -> dict:
     replicas = parse_list(getattr(args, "replicas", "1") or "1", "--replicas")
     _check_ranks(config, ranks)
     all_cores = _cpu_count()
-    worlds = unlocking_worlds(ranks, micro, threads=args.threads_per_rank, all_cores=all_cores, replicas=replicas)
+    worlds = unlocking_worlds(ranks, micro, threads=args.threads_per_rank, all_cores=all_cores, replicas=replicas,
+                              channels_last=config.run.channels_last)
     skipped = {s.key: f"needs {s.processes * s.threads} cores, this machine has {all_cores}"
                for s in worlds if s.role == "mesh" and s.processes * s.threads > all_cores}
     for key, why in skipped.items():
@@ -468,6 +482,10 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
                 "dfa_over_bp_single_device": median(single, 1, "dfa") / median(single, 1, "bp"),
                 "dkp_over_bp_gpipe": median(pipe, m, "dkp") / median(pipe, m, "bp@gpipe"),
                 "dkp_over_bp_1f1b": median(pipe, m, "dkp") / median(pipe, m, "bp@1f1b"),
+                # against torch's 1F1B in whichever layout ran it faster (the same where only one ran)
+                "dkp_over_fastest_bp_1f1b": median(pipe, m, "dkp") / min(
+                    row["median_s"] for name, row in pipe["by_microbatches"][str(m)]["rules"].items()
+                    if name.startswith("bp@1f1b")),
                 "dfa_over_bp_gpipe": median(pipe, m, "dfa") / median(pipe, m, "bp@gpipe"),
                 "dfa_over_bp_1f1b": median(pipe, m, "dfa") / median(pipe, m, "bp@1f1b"),
                 "dkp_unlocking_speedup": unlocking,
@@ -611,6 +629,8 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
             levels = machine_levels(res, one)
             for name, row in res["rules"].items():
                 variant = Variant.parse(name)
+                if variant.layout:  # the block costs were measured in the run's layout only
+                    continue
                 method = variant.method(default_schedule="gpipe")
                 level = _level(levels, variant.rule)
                 calibrated = by_rule.get(variant.rule, costs).scaled(dict.fromkeys(costmodel.TIMED_PHASES, level))
@@ -697,7 +717,8 @@ def run_unlocking_in_world(config_for: ConfigFor, args, ctx: DistContext, consol
         raise ValueError(f"--ranks {args.ranks} under torchrun with {ctx.world_size} rank(s): inside a launched world "
                          f"only 1 and {ctx.world_size} can be measured; pass --ranks 1,{ctx.world_size}")
     micro = parse_list(args.microbatches, "--microbatches")
-    worlds = unlocking_worlds(ranks, micro, threads=torch.get_num_threads(), all_cores=torch.get_num_threads())
+    worlds = unlocking_worlds(ranks, micro, threads=torch.get_num_threads(), all_cores=torch.get_num_threads(),
+                              channels_last=config_for([]).run.channels_last)
     single, per_rank = worlds[0], worlds[1]
     variants = [Variant.parse(v) for v in dict.fromkeys(single.variants + per_rank.variants)]
     one = None

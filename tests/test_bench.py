@@ -22,6 +22,7 @@ from parallel_dkp.parallel.costs import measure_block_phases
 
 TINY = ["--set", "data.name=synthetic", "--set", "data.synthetic_shape=[1, 8, 8]", "--set", "data.synthetic_size=64",
         "--set", "data.batch_size=16", "--set", "model.name=conv2"]
+CHANNELS_LAST = ["--set", "run.channels_last=true"]
 
 
 @pytest.mark.multirank
@@ -30,8 +31,9 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     not the quotient of the step times it names."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "parallel_dkp", "bench", *TINY, "--ranks", "1,2", "--microbatches", "2,4",
-         "--replicas", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--out", str(out)],
+        [sys.executable, "-m", "parallel_dkp", "bench", *TINY, *CHANNELS_LAST, "--ranks", "1,2",
+         "--microbatches", "2,4", "--replicas", "2", "--steps", "1", "--warmup", "0", "--rounds", "1",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,9 +48,13 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     pipe = r["worlds"]["pipeline:2x1"]["by_microbatches"]["4"]
     one = r["worlds"]["per_rank:1x1"]["by_microbatches"]["4"]
     step = {name: row["median_s"] for name, row in pipe["rules"].items()}
-    assert set(step) == {"dkp", "dfa", "bp@gpipe", "bp@1f1b"}
+    assert set(step) == {"dkp", "dfa", "bp@gpipe", "bp@1f1b", "bp@1f1b:nchw"}
     by4 = r["ratios_by_microbatches"]["4"]
     assert by4["dkp_over_bp_1f1b"] == pytest.approx(step["dkp"] / step["bp@1f1b"])
+    # channels-last run: torch's 1F1B also in the default layout, and dkp against the faster of the two
+    assert by4["dkp_over_fastest_bp_1f1b"] == pytest.approx(step["dkp"] / min(step["bp@1f1b"], step["bp@1f1b:nchw"]))
+    assert pipe["configs"]["bp@1f1b:nchw"]["run"]["channels_last"] is False
+    assert pipe["configs"]["bp@1f1b"]["run"]["channels_last"] is True
     # the one-rank baseline: rank 0 alone, stepped between the 2-rank world's steps
     alone = pipe["alone"]["rules"]
     assert set(alone) == {"dkp", "bp"} and len(alone["dkp"]["samples_s"]) == 1  # --steps 1, one round
@@ -166,10 +172,14 @@ def test_unlocking_benchmark_refuses_more_ranks_than_blocks(tmp_path):
 
 def test_variants_name_a_rule_and_a_pipeline_schedule():
     assert Variant.parse("bp@1f1b").overrides == ("rule.name=bp", "parallel.schedule=1f1b")
+    nchw = Variant.parse("bp@1f1b:nchw")
+    assert nchw.name == "bp@1f1b:nchw" and nchw.overrides[-1] == "run.channels_last=false"
+    assert nchw.method("gpipe") == "1f1b" and Variant.parse("dkp:nchw").name == "dkp:nchw"
     assert Variant.parse("dkp").method("gpipe") == "direct"
     assert Variant.parse("drtp").method("gpipe") == "targets"
     assert Variant.parse("kp").method("1f1b") == "1f1b"
-    for bad, message in [("dkp@1f1b", "backward-unlocked"), ("bp@zero", "gpipe or 1f1b"), ("sgd", "not a rule")]:
+    for bad, message in [("dkp@1f1b", "backward-unlocked"), ("bp@zero", "gpipe or 1f1b"), ("sgd", "not a rule"),
+                         ("bp@1f1b:nhwc", "must be nchw")]:
         with pytest.raises(ValueError, match=message):
             Variant.parse(bad)
     assert parse_list("1,2,2,4", "--ranks") == [1, 2, 4]
