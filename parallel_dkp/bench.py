@@ -423,24 +423,35 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool, batch_size: int) ->
 
 
 def _merge(merged: dict, key: str, world: dict) -> None:
-    """Pool a world's samples across rounds (and keep each round's median); the first round's
-    other fields stay."""
+    """Pool a world's samples across rounds (and keep each round's median), and average its
+    phase timers' medians over the rounds (so that the cost model, calibrated from them, sees the
+    same rounds as the pooled step times); the first round's other fields stay."""
     def rows(res: dict) -> dict:  # the world's variants, and those stepped alone and together
         return {(part, name): row for part in ("rules", "alone", "together")
                 for name, row in (res[part] if part == "rules" else res.get(part, {}).get("rules", {})).items()}
+
+    def phases(res: dict) -> list[dict]:  # every rank's phase medians of every variant
+        return ([p for per_rank in res.get("phases_per_rank", {}).values() for p in per_rank]
+                + list(res.get("alone", {}).get("phases", {}).values()))
 
     for res in world["by_microbatches"].values():
         for row in rows(res).values():
             row["round_medians_s"] = [row["median_s"]]
     if key not in merged:
-        merged[key] = world
+        merged[key] = {**world, "rounds_merged": 1}
         return
+    done = merged[key]["rounds_merged"]
     for m, res in world["by_microbatches"].items():
         mine = rows(merged[key]["by_microbatches"][m])
         for name, row in rows(res).items():
             mine[name]["samples_s"] += row["samples_s"]
             mine[name]["median_s"] = statistics.median(mine[name]["samples_s"])
             mine[name]["round_medians_s"] += row["round_medians_s"]
+        for old, new in zip(phases(merged[key]["by_microbatches"][m]), phases(res)):
+            for k, v in new.items():
+                if isinstance(v, (int, float)) and isinstance(old.get(k), (int, float)):
+                    old[k] = (old[k] * done + v) / (done + 1)
+    merged[key]["rounds_merged"] = done + 1
 
 
 def ratios_by_round(numerator: dict, denominator: dict) -> list[float]:

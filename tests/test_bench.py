@@ -125,6 +125,7 @@ def test_rounds_pool_their_samples_and_keep_their_own_medians():
     merged: dict = {}
     _merge(merged, "w", world([1.0, 2.0, 3.0], [2.0, 2.0, 2.0]))
     _merge(merged, "w", world([4.0, 5.0, 6.0], [1.0, 1.0, 1.0]))
+    assert merged["w"]["rounds_merged"] == 2
     rules = merged["w"]["by_microbatches"]["4"]["rules"]
     assert rules["dkp"]["samples_s"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert rules["dkp"]["median_s"] == 3.5 and rules["dkp"]["round_medians_s"] == [2.0, 5.0]
@@ -135,17 +136,25 @@ def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
     """Pinpoints a merge that pools the world's variants but keeps only the first round of the
     one-rank steps interleaved with them."""
     def world(t: float) -> dict:
-        return {"by_microbatches": {"4": {"rules": {"dkp": {"median_s": t, "samples_s": [t]}},
-                                          "alone": {"rules": {"dkp": {"median_s": 2 * t, "samples_s": [2 * t]}}},
-                                          "together": {"rules": {"dkp": {"median_s": 3 * t, "samples_s": [3 * t]}}}}}}
+        return {"by_microbatches": {"4": {
+            "rules": {"dkp": {"median_s": t, "samples_s": [t]}},
+            "phases_per_rank": {"dkp": [{"forward": t, "update": 2 * t}, {"forward": 0.5 * t}]},
+            "alone": {"rules": {"dkp": {"median_s": 2 * t, "samples_s": [2 * t]}}, "phases": {"dkp": {"step": t}}},
+            "together": {"rules": {"dkp": {"median_s": 3 * t, "samples_s": [3 * t]}}}}}}
 
     merged: dict = {}
-    _merge(merged, "w", world(1.0))
-    _merge(merged, "w", world(3.0))
+    for t in (1.0, 3.0, 8.0):
+        _merge(merged, "w", world(t))
+    for t in (9.0, 7.0):  # two more rounds: what the first three left, and more
+        _merge(merged, "w", world(t))
     res = merged["w"]["by_microbatches"]["4"]
-    assert res["alone"]["rules"]["dkp"]["samples_s"] == [2.0, 6.0] and res["alone"]["rules"]["dkp"]["median_s"] == 4.0
-    assert res["together"]["rules"]["dkp"]["round_medians_s"] == [3.0, 9.0]
-    assert ratios_by_round(res["alone"]["rules"]["dkp"], res["rules"]["dkp"]) == [2.0, 2.0]
+    # phase timers: the mean of the rounds' medians (the cost model's levels come from them)
+    assert res["phases_per_rank"]["dkp"] == [{"forward": 5.6, "update": 11.2}, {"forward": 2.8}]
+    assert res["alone"]["phases"]["dkp"] == {"step": pytest.approx(5.6)}
+    assert res["alone"]["rules"]["dkp"]["samples_s"] == [2.0, 6.0, 16.0, 18.0, 14.0]
+    assert res["alone"]["rules"]["dkp"]["median_s"] == 14.0
+    assert res["together"]["rules"]["dkp"]["round_medians_s"] == [3.0, 9.0, 24.0, 27.0, 21.0]
+    assert ratios_by_round(res["alone"]["rules"]["dkp"], res["rules"]["dkp"]) == [2.0] * 5
 
 
 def test_machine_levels_compare_the_ranks_beside_a_world_with_the_one_rank_world():
