@@ -19,6 +19,7 @@ import time
 import torch
 
 from parallel_dkp.config import load_config
+from parallel_dkp.cpu_memory import keep_freed_memory
 from parallel_dkp.models import build_blocks
 from parallel_dkp.parallel.costs import measure_block_phases
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    keep_freed_memory()  # as training processes do (run.keep_freed_memory)
     torch.manual_seed(0)
     for model in args.models.split(","):
         layout = "false" if model == "vit" else "true"
