@@ -15,8 +15,9 @@ Two modes, one measurement core (:func:`measure_world`):
     phases for the cost model), one rank using all the cores (dkp: so that nobody mistakes a
     thread-starved baseline for a speed-up), and each N > 1 ranks: dkp and dfa through our
     runtime, bp through torch.distributed.pipelining GPipe and 1F1B, all on one partition, and
-    between them dkp and bp on rank 0 alone: the unlocking speed-up's one-rank baseline, taken at
-    the same moments (the one-rank world, minutes away, calibrates the cost model);
+    between them dkp and bp on rank 0 alone (the unlocking speed-up's one-rank baseline, taken at
+    the same moments; the one-rank world, minutes away, calibrates the cost model) and then on
+    every rank at once, without messages (the machine's parallel ceiling);
   - with ``--replicas 2``: each N as N stages x 2 data-parallel replicas (dkp and bp), every
     replica on a batch of the configured size (weak scaling: the global batch grows with the
     replicas), where the machine has a core for every rank's threads;
@@ -318,7 +319,8 @@ class WorldSpec:
     microbatches: tuple[int, ...]
     replicas: int = 1
     alone: tuple[str, ...] = ()
-    """Rules also stepped on rank 0 alone between the world's steps (:func:`measure_world`)."""
+    """Rules also stepped between the world's steps, on rank 0 alone and then on every rank at once
+    (:func:`measure_world`)."""
 
     @property
     def key(self) -> str:
