@@ -201,7 +201,8 @@ def test_block_phases_cover_every_block():
     """Pinpoints per-block costs with a block missing, a negative or non-finite time, or output
     sizes that are not what the next stage receives."""
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.name=conv2", "data.name=synthetic", "data.synthetic_shape=[1, 8, 8]"])
+    cfg_overrides = ["model.name=conv2", "data.name=synthetic", "data.synthetic_shape=[1, 8, 8]"]
+    cfg = load_config(None, cfg_overrides)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     costs = measure_block_phases(cfg, x, y, num_classes=10, total=32, device=torch.device("cpu"), repeats=2)
     assert costs.num_blocks == 4
@@ -216,6 +217,11 @@ def test_block_phases_cover_every_block():
     weights = sum(p.numel() for p in dkp.parameters()) + sum(b.numel() for b in dkp.buffers() if b.is_floating_point())
     assert sum(costs.weight_bytes) == 4 * weights
     assert list(costs.feedback_bytes) == [10 * math.prod(s) * 4 for s in shapes[:-1]] + [0]
+    assert list(costs.relayout) == [0.0] * 4  # the default layout: nothing to re-lay out
+    channels_last = measure_block_phases(load_config(None, [*cfg_overrides, "run.channels_last=true"]), x, y,
+                                         num_classes=10, total=32, device=torch.device("cpu"), repeats=2)
+    # conv2's two conv blocks put out 4-D channels-last tensors; its FC blocks do not
+    assert [v > 0 for v in channels_last.relayout] == [True, True, False, False]
     # the replay of one rank's step equals the sum of its parts
     one = costmodel.stage_costs(costs, [range(4)], "direct")[0]
     want = 2 * (one.forward + one.update_output + one.update_hidden) + one.optim

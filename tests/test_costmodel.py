@@ -176,3 +176,22 @@ def test_direct_rules_average_their_learned_feedback_and_backprop_does_not():
     assert BlockCosts.from_dict(costs.as_dict()) == costs
     legacy = {k: v for k, v in costs.as_dict().items() if k not in ("weight_bytes", "feedback_bytes")}
     assert list(BlockCosts.from_dict(legacy).weight_bytes) == [0.0, 0.0]  # files written before replicas
+
+
+def test_torch_engine_stages_pay_a_relayout_on_both_sides_of_each_boundary():
+    """Pinpoints a re-layout charged to our direct schedule (its transport sends channels-last
+    storage as is), to a stage edge with no neighbour, or only once per boundary crossing."""
+    r = 0.25  # seconds to re-lay one block's output out
+    costs = BlockCosts([1] * 4, [2] * 4, [1.5] * 4, [0] * 4, [0] * 4, [8, 8, 8, 0], relayout=[r, r, r, 0.0])
+    first, last = stage_costs(costs, [range(2), range(2, 4)], "gpipe")
+    # the output sent and its gradient received on stage 0; the input received and its gradient sent on stage 1
+    assert (first.forward, first.backward) == (2 + r, 4 + r)
+    assert (last.forward, last.backward) == (2 + r, 4 + r)
+    assert stage_costs(costs, [range(2), range(2, 4)], "direct")[0].forward == 2
+    assert stage_costs(costs, [range(4)], "1f1b")[0].forward == 4  # one stage: nothing crosses
+    # GPipe's closed form (M+N-1)(F+B) with each stage's F and B grown by r
+    n, m = 2, 4
+    expected = (m + n - 1) * (2 + r + 4 + r)
+    assert predict(costs, ranks=n, microbatches=m, method="gpipe") == pytest.approx(expected)
+    assert costs.scaled({"relayout": 2.0}).relayout == [2 * r, 2 * r, 2 * r, 0.0]
+    assert list(BlockCosts([1], [1], [1], [0], [0], [0]).relayout) == [0.0]  # not measured: none

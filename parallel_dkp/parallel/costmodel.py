@@ -60,7 +60,7 @@ class Link:
         return num_bytes / self.bandwidth_Bps if self.host_copies else 0.0
 
 
-TIMED_PHASES = ("forward", "backward", "update", "optim_bp", "optim_direct")
+TIMED_PHASES = ("forward", "backward", "update", "optim_bp", "optim_direct", "relayout")
 """The per-block times a :class:`BlockCosts` holds."""
 
 
@@ -82,13 +82,19 @@ class BlockCosts:
     (empty: not measured, taken as 0)."""
     feedback_bytes: Sequence[float] = ()
     """Bytes of each block's learned feedback gradient (DKP's ``B_j``), averaged by the direct rules."""
+    relayout: Sequence[float] = ()
+    """Seconds to copy each block's output (one micro-batch) from the run's channels-last storage
+    into the default layout (empty: not channels-last, taken as 0). torch's pipelining engine
+    moves activations and gradients across stage boundaries in the default layout, so with
+    channels-last stages each crossing costs such a copy on both sides; our transport sends the
+    storage as it is."""
 
     def __post_init__(self) -> None:
-        for name in ("weight_bytes", "feedback_bytes"):
+        for name in ("weight_bytes", "feedback_bytes", "relayout"):
             if not len(getattr(self, name)):
                 object.__setattr__(self, name, [0.0] * len(self.forward))
         sizes = {len(v) for v in (self.forward, self.backward, self.update, self.optim_bp, self.optim_direct,
-                                  self.out_bytes, self.weight_bytes, self.feedback_bytes)}
+                                  self.out_bytes, self.weight_bytes, self.feedback_bytes, self.relayout)}
         if len(sizes) != 1:
             raise ValueError(f"BlockCosts lists must all have one entry per block, got lengths {sorted(sizes)}")
 
@@ -99,7 +105,7 @@ class BlockCosts:
     def as_dict(self) -> dict:
         return {k: list(getattr(self, k)) if k != "error_bytes" else self.error_bytes
                 for k in ("forward", "backward", "update", "optim_bp", "optim_direct", "out_bytes", "error_bytes",
-                          "weight_bytes", "feedback_bytes")}
+                          "weight_bytes", "feedback_bytes", "relayout")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "BlockCosts":
@@ -107,7 +113,7 @@ class BlockCosts:
 
     def scaled(self, factors: dict[str, float]) -> "BlockCosts":
         """Every block's time of each named phase (``forward``, ``backward``, ``update``,
-        ``optim_bp``, ``optim_direct``) multiplied by its factor; bytes unchanged."""
+        ``optim_bp``, ``optim_direct``, ``relayout``) multiplied by its factor; bytes unchanged."""
         unknown = set(factors) - set(TIMED_PHASES)
         if unknown:
             raise ValueError(f"no such phase to scale: {sorted(unknown)}")
@@ -122,7 +128,7 @@ class BlockCosts:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return BlockCosts(pick(self.forward), pick(self.backward), pick(self.update), pick(self.optim_bp),
                           pick(self.optim_direct), pick(self.out_bytes), self.error_bytes, pick(self.weight_bytes),
-                          pick(self.feedback_bytes))
+                          pick(self.feedback_bytes), pick(self.relayout))
 
 
 @dataclass(frozen=True)
@@ -144,13 +150,18 @@ class StageCosts:
 
 def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -> list[StageCosts]:
     last = costs.num_blocks - 1
-    optim = costs.optim_bp if method in ("gpipe", "1f1b") else costs.optim_direct
+    torch_engine = method in ("gpipe", "1f1b")
+    optim = costs.optim_bp if torch_engine else costs.optim_direct
     stages = []
     for r in partition:
         hidden = [i for i in r if i != last]
+        # torch's engine: the input received and the output sent are re-laid out in the forward,
+        # their gradients in the backward (0 where the run is not channels-last)
+        relayout = ((costs.relayout[r.start - 1] if r.start > 0 else 0.0)
+                    + (costs.relayout[r.stop - 1] if last not in r else 0.0)) if torch_engine else 0.0
         stages.append(StageCosts(
-            forward=sum(costs.forward[i] for i in r),
-            backward=sum(costs.backward[i] for i in r),
+            forward=sum(costs.forward[i] for i in r) + relayout,
+            backward=sum(costs.backward[i] for i in r) + relayout,
             update_hidden=sum(costs.update[i] for i in hidden),
             update_output=costs.update[last] if last in r else 0.0,
             optim=sum(optim[i] for i in r),

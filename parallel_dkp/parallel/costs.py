@@ -87,7 +87,8 @@ def measure_block_phases(
 ) -> BlockCosts:
     """Seconds per micro-batch ``x`` of each block's phases, as the schedules run them: the
     forward pass, the backprop backward (input gradient included after block 0), the direct
-    rule's local update (``cfg.rule.name`` if it is direct, else dkp), and one optimizer step.
+    rule's local update (``cfg.rule.name`` if it is direct, else dkp), one optimizer step, and
+    the copy of a channels-last output into the default layout (0 in the default layout).
     Fresh copies of the network are built for this; the run's own blocks are not touched.
     ``total`` is the examples of a whole step (the loss and the error are divided by it)."""
     from parallel_dkp.models import block_output_shapes, build_blocks
@@ -116,7 +117,8 @@ def measure_block_phases(
     if cfg.run.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     samples: dict[str, list[list[float]]] = {k: [[] for _ in range(num)] for k in
-                                             ("forward", "backward", "update", "optim_bp", "optim_direct")}
+                                             ("forward", "backward", "update", "optim_bp", "optim_direct",
+                                              "relayout")}
 
     def timed(key: str, i: int, fn):
         _synchronize(device)
@@ -135,6 +137,10 @@ def measure_block_phases(
             cut = inp.detach().requires_grad_(i > 0)
             inp = timed("forward", i, lambda: block(cut))  # noqa: B023 - called at once
             links.append((cut, inp))
+            if _relaid(inp):  # what torch's pipelining does to a channels-last output it sends
+                timed("relayout", i, lambda: inp.contiguous())  # noqa: B023
+            else:
+                samples["relayout"][i].append(0.0)
         grad = None
         for i in reversed(range(num)):
             cut, out = links[i]
@@ -167,6 +173,11 @@ def measure_block_phases(
     return BlockCosts(**median, out_bytes=[len(x) * math.prod(s) * item for s in shapes],
                       error_bytes=len(x) * num_classes * item, weight_bytes=weight_bytes,
                       feedback_bytes=feedback_bytes)
+
+
+def _relaid(output: torch.Tensor) -> bool:
+    """Whether a block's output is stored channels-last (and would be copied into the default layout)."""
+    return output.dim() == 4 and not output.is_contiguous()
 
 
 def averaged_bytes(stage) -> tuple[list[float], list[float]]:
