@@ -297,6 +297,12 @@ def print_world(result: dict, console: Console) -> None:
             for rank, p in enumerate(res["phases_per_rank"][name]):
                 phases.add_row(name, str(rank), *(f"{p.get(ph, 0.0) * 1e3:.1f}" for ph in PHASES))
         console.print(phases)
+        n = res["world_size"]
+        for name, alone in res.get("alone", {}).get("rules", {}).items():
+            together = res["together"]["rules"][name]["median_s"]
+            console.print(f"M={micro}, {name} on the whole network: rank 0 alone {alone['median_s'] * 1e3:.1f} ms, "
+                          f"all {n} ranks at once {together * 1e3:.1f} ms (parallel ceiling "
+                          f"{n * alone['median_s'] / together:.2f} of {n})")
 
 
 def write_json(result: dict, path: str | Path) -> None:

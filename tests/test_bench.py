@@ -226,3 +226,20 @@ def test_block_phases_cover_every_block():
     one = costmodel.stage_costs(costs, [range(4)], "direct")[0]
     want = 2 * (one.forward + one.update_output + one.update_hidden) + one.optim
     assert costmodel.simulate([one], microbatches=2, method="direct") == pytest.approx(want)
+
+
+def test_a_world_prints_its_alone_and_together_steps():
+    """Pinpoints ``bench --alone`` under torchrun measuring the one-rank steps but showing nothing."""
+    from rich.console import Console
+
+    from parallel_dkp.bench import print_world
+
+    rules = {"dkp": {"median_s": 0.05, "ratio_to_dkp": 1.0}}
+    phases = {"dkp": [{"forward": 0.01, "update": 0.02, "idle_fraction": 0.1}] * 2}
+    res = {"model": "vit", "data": "synthetic", "batch_size": 8, "world_size": 2, "partition": [[0, 3], [3, 6]],
+           "steps": 2, "warmup": 1, "rules": rules, "phases_per_rank": phases,
+           "alone": {"rules": {"dkp": {"median_s": 0.08}}}, "together": {"rules": {"dkp": {"median_s": 0.1}}}}
+    console = Console(record=True, width=200)
+    print_world({"machine": {"device_name": "cpu"}, "threads_per_rank": 1, "by_microbatches": {"4": res}}, console)
+    text = console.export_text()
+    assert "rank 0 alone 80.0 ms, all 2 ranks at once 100.0 ms (parallel ceiling 1.60 of 2)" in text
