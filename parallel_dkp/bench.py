@@ -477,15 +477,12 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
     def median(world: dict, m: int, name: str) -> float:
         return world["by_microbatches"][str(m)]["rules"][name]["median_s"]
 
-    def one_rank(pipe: dict, m: int, name: str) -> dict:
-        """The one-rank row an N-rank world is compared with: its own steps of rank 0 alone, taken
-        between the world's (so a drifting machine hits both alike), else the per-rank world's."""
-        alone = pipe["by_microbatches"][str(m)].get("alone", {}).get("rules", {})
-        return alone[name] if name in alone else per_rank["by_microbatches"][str(m)]["rules"][name]
-
     def speedup(pipe: dict, m: int, one_name: str, many_name: str) -> tuple[float, list[float]]:
-        """One rank's step time over the world's, pooled and round by round."""
-        one, many = one_rank(pipe, m, one_name), pipe["by_microbatches"][str(m)]["rules"][many_name]
+        """One rank's step time over the world's, pooled and round by round. The one rank is the
+        world's own rank 0 stepping alone between the world's steps (``unlocking_worlds`` gives
+        every pipeline world those steps), so a drifting machine hits both alike."""
+        res = pipe["by_microbatches"][str(m)]
+        one, many = res["alone"]["rules"][one_name], res["rules"][many_name]
         return one["median_s"] / many["median_s"], ratios_by_round(one, many)
 
     largest = max(ranks)
