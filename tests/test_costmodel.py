@@ -97,9 +97,18 @@ def test_the_slowest_stage_sets_the_pace():
         assert simulate(slow, microbatches=m, method="1f1b") >= m * 9.0
 
 
+def test_the_last_stage_updates_each_microbatch_at_once_so_a_slower_first_stage_sets_the_step():
+    """Pinpoints a backlog of updates on the last stage: it has ``e[m]`` once its forward of m is
+    done, so when stage 0 is the slower one the step is stage 0's own work, M (F0 + U0). Lagging
+    the last stage by one micro-batch would leave F1 + 2 U1 after stage 0's last forward:
+    M F0 + (M - 2) U0 + F1 + 2 U1 = 12.2 > 12 here."""
+    stages = [StageCosts(1.0, 0.0, 2.0, 0.0, 0.0, 0.0), StageCosts(1.0, 0.0, 1.6, 0.0, 0.0, 0.0)]
+    assert simulate(stages, microbatches=4, method="direct") == pytest.approx(4 * (1.0 + 2.0))
+
+
 def test_direct_update_lag_looks_past_the_later_stages():
-    assert [update_lag(s, 4) for s in range(4)] == [3, 2, 1, 1]
-    assert update_lag(0, 1) == 1
+    assert [update_lag(s, 4) for s in range(4)] == [3, 2, 1, 0]
+    assert update_lag(0, 1) == 0
 
 
 def test_predict_balances_blocks_and_sums_them_per_stage():

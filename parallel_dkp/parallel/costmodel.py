@@ -238,6 +238,7 @@ class _Replay:
             return None if any(e is None for e in ends) else max([now, *ends])
         if op.kind == "bcast_root":
             posted.setdefault(("root", op.key), now)
+            posted.setdefault(("root_stage", op.key), s)
             return now
         if op.kind == "bcast_post":
             posted.setdefault(("leaf", op.key, s), now)
@@ -246,6 +247,8 @@ class _Replay:
             if ("root", op.key) not in posted:
                 return None
             root = posted["root", op.key]
+            if posted["root_stage", op.key] == s:  # the root has e already: its send only leaves
+                return max(now, root)
             start = max(root, posted.get(("leaf", op.key, s), root))
             return max(now, start + self.link.seconds(self.sizes[op.key]))
         raise AssertionError(op.kind)
@@ -254,8 +257,10 @@ class _Replay:
 def update_lag(stage: int, num_stages: int) -> int:
     """How many micro-batches behind its forward pass a stage runs its local updates under the
     direct schedule: the error of micro-batch ``m`` exists once ``m`` has crossed the stages after
-    this one, so waiting for it any sooner would stall the forward pipeline."""
-    return max(1, num_stages - 1 - stage)
+    this one, so waiting for it any sooner would stall the forward pipeline. The last stage has
+    ``e[m]`` as soon as its forward of ``m`` is done and updates at once: a backlog there would be
+    paid after the last micro-batch arrives, at the end of every step."""
+    return num_stages - 1 - stage
 
 
 def _act(s: int, m: int) -> tuple:
