@@ -9,8 +9,9 @@ Every schedule has the same small interface (``train_step``, ``eval_step``) and 
         last stage:          e[m] = (softmax(h) - onehot(y)) / N
         all stages:          async broadcast of e[m] (the last stage then runs its output backward)
                              local update of micro-batch m-lag while the later ones still flow,
-                             lag = max(1, stages after this one): e[m] exists only once m has
+                             lag = the stages after this one: e[m] exists only once m has
                              crossed them, so waiting for it sooner would stall the pipeline
+                             (the last stage, lag 0, updates m at once)
     drain the last updates
 
 ``"targets"`` → :class:`TargetsSchedule` (DRTP): each stage updates right after its own forward.
@@ -239,7 +240,7 @@ class _UnlockedSchedule(Schedule):
 
 
 class DirectSchedule(_UnlockedSchedule):
-    """DFA, DKP: the last stage broadcasts ``e[m]``; every stage updates m-1 while m flows."""
+    """DFA, DKP: the last stage broadcasts ``e[m]``; every stage updates m-lag while m flows."""
 
     def train_step(self, x, y):
         x, y = self._start(x, y)
