@@ -147,6 +147,29 @@ def test_step_metrics_sum_like_the_per_example_loss():
     assert (correct, count) == ((logits.argmax(1) == y).sum().item(), 10)
 
 
+def test_step_metrics_take_the_sums_of_a_steps_microbatches_at_once(monkeypatch):
+    """Pinpoints per-micro-batch metric work on the last stage's path (each small op there
+    delays the micro-batches after it): the micro-batches of a step are summed in one go, when
+    the sums are first asked for, and later adds join the sums already taken."""
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(12, 5, generator=g), torch.randint(0, 5, (12,), generator=g)
+    calls = []
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    metrics = StepMetrics()
+    for part in range(4):
+        metrics.add(logits[3 * part:3 * part + 3], y[3 * part:3 * part + 3])
+    assert calls == [] and metrics.count == 12
+    assert metrics.loss_sum.item() == pytest.approx(real(logits[:12], y, reduction="sum").item())
+    assert calls == [1]
+    metrics.add(logits[:2], y[:2])  # after the sums were taken
+    loss_sum, correct, count = metrics.read()
+    assert calls == [1, 1] and count == 14
+    want = real(logits, y, reduction="sum") + real(logits[:2], y[:2], reduction="sum")
+    assert loss_sum == pytest.approx(want.item())
+    assert correct == (logits.argmax(1) == y).sum().item() + (logits[:2].argmax(1) == y[:2]).sum().item()
+
+
 # --------------------------------------------------------------------------- phase timers
 
 

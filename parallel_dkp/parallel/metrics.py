@@ -12,12 +12,15 @@ class StepMetrics:
 
     ``add`` and ``+=`` only queue device work; ``read`` is the one host synchronisation, meant
     for log intervals and epoch ends (a ``.item()`` per micro-batch would drain a GPU's queue).
-    On ranks that do not own the loss the sums stay empty.
+    ``add`` only keeps the logits: the sums of all the micro-batches of a step are taken at once,
+    when first asked for, off the path of the micro-batches (on the last stage, each small op
+    there delays every later one). On ranks that do not own the loss the sums stay empty.
     """
 
     def __init__(self) -> None:
-        self.loss_sum: torch.Tensor | None = None
-        self.correct: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._correct: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.count = 0
 
     @classmethod
@@ -25,29 +28,48 @@ class StepMetrics:
         """Sums saved by ``read`` (e.g. in a checkpoint), back on ``device``; empty if none."""
         metrics = cls()
         if sums.get("count"):
-            metrics.loss_sum = torch.tensor(float(sums["loss_sum"]), dtype=torch.float64, device=device)
-            metrics.correct = torch.tensor(int(sums["correct"]), dtype=torch.long, device=device)
+            metrics._loss_sum = torch.tensor(float(sums["loss_sum"]), dtype=torch.float64, device=device)
+            metrics._correct = torch.tensor(int(sums["correct"]), dtype=torch.long, device=device)
             metrics.count = int(sums["count"])
         return metrics
 
+    @property
+    def loss_sum(self) -> torch.Tensor | None:
+        self._settle()
+        return self._loss_sum
+
+    @property
+    def correct(self) -> torch.Tensor | None:
+        self._settle()
+        return self._correct
+
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self._pending.append((logits.detach(), targets))
+        self.count += len(targets)
+
+    def _settle(self) -> None:
+        if not self._pending:
+            return
+        logits, targets = (torch.cat(parts) for parts in zip(*self._pending))
+        self._pending.clear()
         with torch.no_grad():
             loss = F.cross_entropy(logits.float(), targets, reduction="sum")
             correct = (logits.argmax(1) == targets).sum()
-            self._accumulate(loss, correct, len(targets))
+            self._accumulate(loss, correct)
 
     def __iadd__(self, other: "StepMetrics") -> "StepMetrics":
         if other.loss_sum is not None:
-            self._accumulate(other.loss_sum, other.correct, other.count)
+            self._settle()
+            self._accumulate(other.loss_sum, other.correct)
+            self.count += other.count
         return self
 
-    def _accumulate(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
-        if self.loss_sum is None:
-            self.loss_sum, self.correct = loss.detach().double(), correct.detach().long()
+    def _accumulate(self, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        if self._loss_sum is None:
+            self._loss_sum, self._correct = loss.detach().double(), correct.detach().long()
         else:
-            self.loss_sum = self.loss_sum + loss.detach()
-            self.correct = self.correct + correct
-        self.count += count
+            self._loss_sum = self._loss_sum + loss.detach()
+            self._correct = self._correct + correct
 
     def read(self) -> tuple[float, int, int]:
         """``(loss_sum, correct, count)`` as Python numbers. Synchronises with the device."""
