@@ -126,7 +126,13 @@ def measure_world(config_for: ConfigFor, variants: list[Variant], ctx: DistConte
     moments as the world it is compared with (under each M's ``"alone"``). Each is then stepped
     on every rank at once, each rank with the whole network and no messages (``"together"``, a
     step's time the slowest rank's): what N busy ranks of this machine do to one another, the
-    ceiling of any N-rank scheme at that time (:func:`assemble`'s ``*_parallel_ceiling``)."""
+    ceiling of any N-rank scheme at that time (:func:`assemble`'s ``*_parallel_ceiling``).
+
+    With several ranks, every variant's timed step is followed at once by a second one, with no
+    barrier between (``"streamed"``): each rank's time from the end of the first to the end of
+    the second is the step period of training, where each rank starts its next step as soon as it
+    is done with the last (the direct rules' first stage then starts step t+1 while the later
+    stages still finish step t; torch's engine cannot, its first stage finishes last)."""
     out: dict = {"ranks": ctx.world_size, "threads_per_rank": torch.get_num_threads(), "by_microbatches": {}}
     partition: tuple[str, ...] = ()  # measured for the first M, then kept: one partition for all
     for m in microbatches:
@@ -162,6 +168,7 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
     samples: dict[str, list[float]] = {name: [] for name in jobs}
     alone_samples: dict[str, list[float]] = {name: [] for name in alone_jobs}
     together_samples: dict[str, list[float]] = {name: [] for name in together_jobs}
+    streamed: dict[str, list[float]] = {name: [] for name in jobs} if ctx.distributed else {}
     peak: dict[str, float] = {name: 0.0 for name in jobs}
     cuda = ctx.device.type == "cuda"
 
@@ -184,6 +191,12 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
                 samples[name].append(elapsed)
                 if cuda:
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(ctx.device) / 2**20)
+            if name in streamed:  # the next step straight on, as training runs (its phases are not kept)
+                start = time.perf_counter()
+                train_step(job, x, y)
+                _sync(ctx)
+                if step >= warmup:
+                    streamed[name].append(time.perf_counter() - start)
         for v in alone:
             ctx.barrier()  # the other ranks wait here, idle, while rank 0 steps alone
             if v.name in alone_jobs:
@@ -196,6 +209,7 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
                 together_samples[v.name].append(elapsed)
     # A step is over when its slowest rank is (the next one starts with a barrier).
     per_rank = ctx.all_gather_object({"samples": samples, "peak": peak, "together": together_samples,
+                                      "streamed": streamed,
                                       "phases": {n: j.timer.summary(skip=warmup) for n, j in jobs.items()}})
     slowest = {name: [max(r["samples"][name][i] for r in per_rank) for i in range(steps)] for name in jobs}
     base = statistics.median(slowest[variants[0].name])
@@ -210,6 +224,10 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
         "peak_memory_mb_per_rank": {name: [r["peak"][name] for r in per_rank] for name in jobs} if cuda else None,
         "configs": {name: to_dict(job.cfg) for name, job in jobs.items()},
     }
+    if streamed:  # a period is over when the slowest rank's is
+        result["streamed"] = {"rules": {
+            name: {"median_s": statistics.median(s), "samples_s": s}
+            for name, s in ((n, [max(r["streamed"][n][i] for r in per_rank) for i in range(steps)]) for n in jobs)}}
     if alone:
         phases = {n: j.timer.summary(skip=warmup) for n, j in alone_jobs.items()}
         gathered = ctx.broadcast_object((alone_samples, phases) if ctx.rank == 0 else None, src=0)
@@ -297,6 +315,9 @@ def print_world(result: dict, console: Console) -> None:
             for rank, p in enumerate(res["phases_per_rank"][name]):
                 phases.add_row(name, str(rank), *(f"{p.get(ph, 0.0) * 1e3:.1f}" for ph in PHASES))
         console.print(phases)
+        for name, row in res.get("streamed", {}).get("rules", {}).items():
+            console.print(f"M={micro}, {name} with steps back to back (no barrier between them, as in training): "
+                          f"{row['median_s'] * 1e3:.1f} ms per step")
         n = res["world_size"]
         for name, alone in res.get("alone", {}).get("rules", {}).items():
             together = res["together"]["rules"][name]["median_s"]
@@ -435,7 +456,7 @@ def _merge(merged: dict, key: str, world: dict) -> None:
     phase timers' medians over the rounds (so that the cost model, calibrated from them, sees the
     same rounds as the pooled step times); the first round's other fields stay."""
     def rows(res: dict) -> dict:  # the world's variants, and those stepped alone and together
-        return {(part, name): row for part in ("rules", "alone", "together")
+        return {(part, name): row for part in ("rules", "alone", "together", "streamed")
                 for name, row in (res[part] if part == "rules" else res.get(part, {}).get("rules", {})).items()}
 
     def phases(res: dict) -> list[dict]:  # every rank's phase medians of every variant
@@ -516,6 +537,15 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
                 "dkp_unlocking_speedup_across_worlds": median(per_rank, m, "dkp") / median(pipe, m, "dkp"),
             }
             res, row = pipe["by_microbatches"][str(m)], ratios_by_ranks[str(n)][str(m)]
+            if "streamed" in res:
+                # Steps back to back, as training runs them: the direct rules' first stage starts the
+                # next step while the later stages finish this one, so the pipeline fills once per
+                # run rather than once per step; torch's engine cannot overlap its steps.
+                streamed, alone = res["streamed"]["rules"], res["alone"]["rules"]
+                row["dkp_unlocking_speedup_streamed"] = alone["dkp"]["median_s"] / streamed["dkp"]["median_s"]
+                row["dkp_unlocking_speedup_streamed_by_round"] = ratios_by_round(alone["dkp"], streamed["dkp"])
+                row["bp_1f1b_speedup_streamed"] = alone["bp"]["median_s"] / streamed["bp@1f1b"]["median_s"]
+                row["dkp_over_bp_1f1b_streamed"] = streamed["dkp"]["median_s"] / streamed["bp@1f1b"]["median_s"]
             for rule, together in res.get("together", {}).get("rules", {}).items():
                 # N copies of the whole network at once, no messages: what N ranks of this machine can
                 # give any scheme at that time (N on a machine whose ranks do not slow each other)

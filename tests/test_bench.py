@@ -68,6 +68,13 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert set(together) == {"dkp", "bp"} and len(together["bp"]["samples_s"]) == 1
     assert by4["dkp_parallel_ceiling"] == pytest.approx(2 * alone["dkp"]["median_s"] / together["dkp"]["median_s"])
     assert by4["bp_parallel_ceiling_by_round"] == [pytest.approx(by4["bp_parallel_ceiling"])]
+    # every variant's step also followed at once by another, as training runs them (no barrier)
+    streamed = {name: row["median_s"] for name, row in pipe["streamed"]["rules"].items()}
+    assert set(streamed) == set(step) and len(pipe["streamed"]["rules"]["dkp"]["samples_s"]) == 1
+    assert "streamed" not in one  # one rank: nothing to overlap
+    assert by4["dkp_unlocking_speedup_streamed"] == pytest.approx(alone["dkp"]["median_s"] / streamed["dkp"])
+    assert by4["bp_1f1b_speedup_streamed"] == pytest.approx(alone["bp"]["median_s"] / streamed["bp@1f1b"])
+    assert by4["dkp_over_bp_1f1b_streamed"] == pytest.approx(streamed["dkp"] / streamed["bp@1f1b"])
     # per rank: phases, idle fraction, memory
     for phases in pipe["phases_per_rank"]["dkp"]:
         assert {"forward", "update", "wait", "send", "idle_fraction"} <= set(phases)
@@ -140,7 +147,8 @@ def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
             "rules": {"dkp": {"median_s": t, "samples_s": [t]}},
             "phases_per_rank": {"dkp": [{"forward": t, "update": 2 * t}, {"forward": 0.5 * t}]},
             "alone": {"rules": {"dkp": {"median_s": 2 * t, "samples_s": [2 * t]}}, "phases": {"dkp": {"step": t}}},
-            "together": {"rules": {"dkp": {"median_s": 3 * t, "samples_s": [3 * t]}}}}}}
+            "together": {"rules": {"dkp": {"median_s": 3 * t, "samples_s": [3 * t]}}},
+            "streamed": {"rules": {"dkp": {"median_s": 0.5 * t, "samples_s": [0.5 * t]}}}}}}
 
     merged: dict = {}
     for t in (1.0, 3.0, 8.0):
@@ -154,6 +162,7 @@ def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
     assert res["alone"]["rules"]["dkp"]["samples_s"] == [2.0, 6.0, 16.0, 18.0, 14.0]
     assert res["alone"]["rules"]["dkp"]["median_s"] == 14.0
     assert res["together"]["rules"]["dkp"]["round_medians_s"] == [3.0, 9.0, 24.0, 27.0, 21.0]
+    assert res["streamed"]["rules"]["dkp"]["samples_s"] == [0.5, 1.5, 4.0, 4.5, 3.5]
     assert ratios_by_round(res["alone"]["rules"]["dkp"], res["rules"]["dkp"]) == [2.0] * 5
 
 
@@ -228,7 +237,7 @@ def test_block_phases_cover_every_block():
     assert costmodel.simulate([one], microbatches=2, method="direct") == pytest.approx(want)
 
 
-def test_a_world_prints_its_alone_and_together_steps():
+def test_a_world_prints_its_alone_together_and_streamed_steps():
     """Pinpoints ``bench --alone`` under torchrun measuring the one-rank steps but showing nothing."""
     from rich.console import Console
 
@@ -238,8 +247,10 @@ def test_a_world_prints_its_alone_and_together_steps():
     phases = {"dkp": [{"forward": 0.01, "update": 0.02, "idle_fraction": 0.1}] * 2}
     res = {"model": "vit", "data": "synthetic", "batch_size": 8, "world_size": 2, "partition": [[0, 3], [3, 6]],
            "steps": 2, "warmup": 1, "rules": rules, "phases_per_rank": phases,
-           "alone": {"rules": {"dkp": {"median_s": 0.08}}}, "together": {"rules": {"dkp": {"median_s": 0.1}}}}
+           "alone": {"rules": {"dkp": {"median_s": 0.08}}}, "together": {"rules": {"dkp": {"median_s": 0.1}}},
+           "streamed": {"rules": {"dkp": {"median_s": 0.045}}}}
     console = Console(record=True, width=200)
     print_world({"machine": {"device_name": "cpu"}, "threads_per_rank": 1, "by_microbatches": {"4": res}}, console)
     text = console.export_text()
     assert "rank 0 alone 80.0 ms, all 2 ranks at once 100.0 ms (parallel ceiling 1.60 of 2)" in text
+    assert "dkp with steps back to back (no barrier between them, as in training): 45.0 ms per step" in text
