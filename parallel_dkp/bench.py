@@ -673,25 +673,29 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
             res = world["by_microbatches"][str(m)]
             partition = [range(a, b) for a, b in res["partition"]]
             levels = machine_levels(res, one)
-            for name, row in res["rules"].items():
-                variant = Variant.parse(name)
-                if variant.layout:  # the block costs were measured in the run's layout only
-                    continue
-                method = variant.method(default_schedule="gpipe")
-                level = _level(levels, variant.rule)
-                calibrated = by_rule.get(variant.rule, costs).scaled(dict.fromkeys(costmodel.TIMED_PHASES, level))
-                overhead = level * overhead_by_m[m].get(variant.rule, 0.0)
-                predicted, from_isolated = (
-                    costmodel.simulate(costmodel.stage_costs(c, partition, method), microbatches=m, method=method,
-                                       link=lk, error_bytes=c.error_bytes, replicas=replicas, step_overhead=o)
-                    for c, lk, o in ((calibrated, link, overhead),
-                                     (isolated, replace(link, host_copies=False), 0.0)))
-                measured = row["median_s"]
-                rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
-                             "measured_s": measured, "predicted_s": predicted, "machine_level": level,
-                             "relative_error": abs(predicted - measured) / measured,
-                             "predicted_from_isolated_s": from_isolated,
-                             "relative_error_from_isolated": abs(from_isolated - measured) / measured})
+            # steps that start together on every rank, and (several ranks) steps back to back
+            measured_rows = [(False, res["rules"]), (True, res.get("streamed", {}).get("rules", {}))]
+            for streamed, named in measured_rows:
+                for name, row in named.items():
+                    variant = Variant.parse(name)
+                    if variant.layout:  # the block costs were measured in the run's layout only
+                        continue
+                    method = variant.method(default_schedule="gpipe")
+                    level = _level(levels, variant.rule)
+                    calibrated = by_rule.get(variant.rule, costs).scaled(dict.fromkeys(costmodel.TIMED_PHASES, level))
+                    overhead = level * overhead_by_m[m].get(variant.rule, 0.0)
+                    predicted, from_isolated = (
+                        costmodel.simulate(costmodel.stage_costs(c, partition, method), microbatches=m, method=method,
+                                           link=lk, error_bytes=c.error_bytes, replicas=replicas, step_overhead=o,
+                                           streamed=streamed)
+                        for c, lk, o in ((calibrated, link, overhead),
+                                         (isolated, replace(link, host_copies=False), 0.0)))
+                    measured = row["median_s"]
+                    rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
+                                 "streamed": streamed, "measured_s": measured, "predicted_s": predicted,
+                                 "machine_level": level, "relative_error": abs(predicted - measured) / measured,
+                                 "predicted_from_isolated_s": from_isolated,
+                                 "relative_error_from_isolated": abs(from_isolated - measured) / measured})
     num_blocks = next(iter(costs_by_m.values())).num_blocks
     predictions = {}
     for m, costs in costs_by_m.items():

@@ -98,8 +98,13 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert dp["dkp"]["examples_per_s"] == pytest.approx(32 / dp["dkp"]["step_s"])
     mesh_rows = [row for row in cm["validation"] if row["replicas"] == 2]
     assert {(row["ranks"], row["variant"]) for row in mesh_rows} >= {(1, "dkp"), (1, "bp")}
-    # per M: 3 variants on 1 rank, 4 on 2 ranks, 2 on every stages x replicas world
-    assert len(cm["validation"]) == 2 * (3 + 4 + 2 * len(measured))
+    # per M: 3 variants on 1 rank, 4 on 2 ranks, 2 on every stages x replicas world; those of
+    # several ranks twice, their steps starting together and back to back
+    assert len(cm["validation"]) == 2 * (3 + 2 * 4 + 2 * 2 * len(measured))
+    streamed_rows = {(row["ranks"], row["replicas"], row["microbatches"], row["variant"]): row
+                     for row in cm["validation"] if row["streamed"]}
+    assert streamed_rows[2, 1, 4, "dkp"]["measured_s"] == pytest.approx(streamed["dkp"])
+    assert not any(row["streamed"] for row in cm["validation"] if row["ranks"] * row["replicas"] == 1)
     assert cm["validation_error"] == max(row["relative_error"] for row in cm["validation"])
     assert cm["validation_error_from_isolated"] == max(row["relative_error_from_isolated"] for row in cm["validation"])
     # block costs at their in-step level: the one-rank phase timers' totals over M x the isolated sums

@@ -177,7 +177,7 @@ def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -
 
 @dataclass
 class _Op:
-    kind: Literal["compute", "send", "post", "recv", "wait", "bcast_root", "bcast_post", "bcast_wait"]
+    kind: Literal["compute", "send", "post", "recv", "wait", "bcast_root", "bcast_post", "bcast_wait", "mark"]
     seconds: float = 0.0
     key: tuple = ()
     keys: tuple = ()
@@ -190,9 +190,12 @@ class _Replay:
     programs: list[list[_Op]]
     link: Link
     sizes: dict = field(default_factory=dict)
+    marks: list[list[float]] = field(default_factory=list)
+    """Each stage's clock at its ``mark`` ops (the end of each of its steps)."""
 
     def run(self) -> list[float]:
         n = len(self.programs)
+        self.marks = [[] for _ in range(n)]
         clock, pc = [0.0] * n, [0] * n
         posted: dict[tuple, float] = {}  # (role, key) -> time posted
         done: dict[tuple, float] = {}  # key -> time the message completed
@@ -221,6 +224,9 @@ class _Replay:
     def _try(self, op: _Op, s: int, now: float, posted, done) -> float | None:
         if op.kind == "compute":
             return now + op.seconds
+        if op.kind == "mark":
+            self.marks[s].append(now)
+            return now
         if op.kind == "send":  # asynchronous: posting costs nothing, unless the host copies
             posted.setdefault(("send", op.key), now)
             return now + self.link.copy_seconds(self.sizes[op.key])
@@ -257,10 +263,13 @@ class _Replay:
 def update_lag(stage: int, num_stages: int) -> int:
     """How many micro-batches behind its forward pass a stage runs its local updates under the
     direct schedule: the error of micro-batch ``m`` exists once ``m`` has crossed the stages after
-    this one, so waiting for it any sooner would stall the forward pipeline. The last stage has
-    ``e[m]`` as soon as its forward of ``m`` is done and updates at once: a backlog there would be
-    paid after the last micro-batch arrives, at the end of every step."""
-    return num_stages - 1 - stage
+    this one, so waiting for it any sooner would stall the forward pipeline. The last stage, which
+    has ``e[m]`` at once, still lags by one: it forwards micro-batch m+1 (and sends its error on)
+    before it updates m, so the earlier stages finish their steps first and start the next while it
+    catches up. In training, where steps follow one another, that hides the pipeline's fill (a step
+    costs M(F+U), not M(F+U)+F, when balanced). Updating at once (lag 0) was 1-3 % faster in steps
+    that start together on every rank, but 2-4 % slower back to back (vit and convdeep, 2 ranks)."""
+    return max(1, num_stages - 1 - stage)
 
 
 def _act(s: int, m: int) -> tuple:
@@ -279,6 +288,8 @@ class _Program:
     n: int
     cost: StageCosts
     ops: list[_Op] = field(default_factory=list)
+    base: int = 0
+    """Micro-batches of the steps before this one: message keys number micro-batches across steps."""
 
     @property
     def first(self) -> bool:
@@ -293,16 +304,19 @@ class _Program:
             self.ops.append(_Op("compute", seconds))
 
     def act_out(self, m: int) -> list[tuple]:
-        return [] if self.last else [_act(self.s, m)]
+        return [] if self.last else [_act(self.s, self.base + m)]
 
     def act_in(self, m: int) -> list[tuple]:
-        return [] if self.first else [_act(self.s - 1, m)]
+        return [] if self.first else [_act(self.s - 1, self.base + m)]
 
     def grad_out(self, m: int) -> list[tuple]:
-        return [] if self.first else [_grad(self.s, m)]
+        return [] if self.first else [_grad(self.s, self.base + m)]
 
     def grad_in(self, m: int) -> list[tuple]:
-        return [] if self.last else [_grad(self.s + 1, m)]
+        return [] if self.last else [_grad(self.s + 1, self.base + m)]
+
+    def err(self, m: int) -> tuple:
+        return ("err", self.base + m)
 
     def send(self, keys: list[tuple]) -> None:
         self.ops += [_Op("send", key=k) for k in keys]
@@ -336,14 +350,14 @@ def _direct(p: _Program, M: int, *, targets: bool) -> None:
             p.compute(c.update_output + c.update_hidden)
             continue
         # The error is broadcast as soon as it exists, before the output block's backward.
-        p.ops.append(_Op("bcast_root" if p.last else "bcast_post", key=("err", m)))
+        p.ops.append(_Op("bcast_root" if p.last else "bcast_post", key=p.err(m)))
         p.compute(c.update_output)
         if m >= lag:
-            p.ops.append(_Op("bcast_wait", key=("err", m - lag)))
+            p.ops.append(_Op("bcast_wait", key=p.err(m - lag)))
             p.compute(c.update_hidden)
     if not targets:
         for m in range(max(0, M - lag), M):
-            p.ops.append(_Op("bcast_wait", key=("err", m)))
+            p.ops.append(_Op("bcast_wait", key=p.err(m)))
             p.compute(c.update_hidden)
     p.wait([k for m in range(M) for k in p.act_out(m)])
 
@@ -407,49 +421,63 @@ def allreduce_seconds(num_bytes: float, replicas: int, link: Link) -> float:
 
 
 def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, error_bytes: float,
-              replicas: int = 1, reduce_link: Link = Link(), step_overhead: float = 0.0) -> list[list[_Op]]:
+              replicas: int = 1, reduce_link: Link = Link(), step_overhead: float = 0.0,
+              steps: int = 1) -> list[list[_Op]]:
+    """Each stage's ops for ``steps`` steps run back to back (a stage starts its next step as
+    soon as it is done with the last, as training does), each step ending in a ``mark``."""
     n = len(stages)
-    for m in range(M):
+    for m in range(steps * M):
         sizes[("err", m)] = error_bytes
     for s, st in enumerate(stages[:-1]):
-        for m in range(M):
+        for m in range(steps * M):
             sizes[_act(s, m)] = sizes[_grad(s + 1, m)] = st.send_bytes
     programs = []
     for s, cost in enumerate(stages):
         p = _Program(s, n, cost)
-        p.compute(step_overhead)  # the step's own host work outside the measured phases
-        if method in ("direct", "targets"):
-            _direct(p, M, targets=method == "targets")
-        elif method == "gpipe" or n == 1:
-            _gpipe(p, M)
-        else:
-            _one_f_one_b(p, M)
-        p.compute(allreduce_seconds(cost.reduce_bytes, replicas, reduce_link))  # over the stage's replicas
-        p.compute(cost.optim)  # the optimizer step, once the stage's gradients are complete
+        for step in range(steps):
+            p.base = step * M
+            p.compute(step_overhead)  # the step's own host work outside the measured phases
+            if method in ("direct", "targets"):
+                _direct(p, M, targets=method == "targets")
+            elif method == "gpipe" or n == 1:
+                _gpipe(p, M)
+            else:
+                _one_f_one_b(p, M)
+            p.compute(allreduce_seconds(cost.reduce_bytes, replicas, reduce_link))  # over the stage's replicas
+            p.compute(cost.optim)  # the optimizer step, once the stage's gradients are complete
+            p.ops.append(_Op("mark"))
         programs.append(p.ops)
     return programs
 
 
 def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, link: Link = Link(),
              error_bytes: float = 0.0, replicas: int = 1, reduce_link: Link | None = None,
-             step_overhead: float = 0.0) -> float:
+             step_overhead: float = 0.0, streamed: bool = False) -> float:
     """Predicted seconds of one training step (the slowest stage's finish), on every replica
     (each its own pipeline of ``stages``); ``reduce_link`` (default ``link``) carries the
     gradient all-reduce among a stage's ``replicas``; ``step_overhead``: every rank's host work
-    per step outside the blocks' phases (zeroing gradients, the divergence guard, Python)."""
+    per step outside the blocks' phases (zeroing gradients, the divergence guard, Python).
+
+    ``streamed``: the second of two steps run back to back instead, as ``bench`` measures it
+    (each stage's time from the end of its first step to the end of its second; the slowest
+    stage's): the direct rules' first stage starts step 2 while the later stages finish step 1."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if microbatches < 1 or replicas < 1:
         raise ValueError(f"microbatches = {microbatches} and replicas = {replicas} must be >= 1")
     sizes: dict = {}
     programs = _programs(list(stages), microbatches, method, sizes, error_bytes, replicas, reduce_link or link,
-                         step_overhead)
-    return max(_Replay(programs, link, sizes).run())
+                         step_overhead, steps=2 if streamed else 1)
+    replay = _Replay(programs, link, sizes)
+    ends = replay.run()
+    if streamed:
+        return max(second - first for first, second in replay.marks)
+    return max(ends)
 
 
 def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),
             partition: Sequence[range] | None = None, replicas: int = 1, reduce_link: Link | None = None,
-            step_overhead: float = 0.0) -> float:
+            step_overhead: float = 0.0, streamed: bool = False) -> float:
     """Predicted step seconds of ``method`` on ``ranks`` stages (of ``replicas`` replicas each,
     every replica on a micro-batch of the size ``costs`` were measured at). Without an explicit
     ``partition`` the stages are balanced on what the method pays per block, as the runtime
@@ -460,7 +488,7 @@ def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method,
         partition = balanced_partition(weights, world_size=ranks)
     return simulate(stage_costs(costs, partition, method), microbatches=microbatches, method=method, link=link,
                     error_bytes=costs.error_bytes, replicas=replicas, reduce_link=reduce_link,
-                    step_overhead=step_overhead)
+                    step_overhead=step_overhead, streamed=streamed)
 
 
 def ideal_direct_speedup(forward: float, update: float, *, ranks: int, microbatches: int) -> float:

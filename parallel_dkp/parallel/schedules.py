@@ -9,9 +9,9 @@ Every schedule has the same small interface (``train_step``, ``eval_step``) and 
         last stage:          e[m] = (softmax(h) - onehot(y)) / N
         all stages:          async broadcast of e[m] (the last stage then runs its output backward)
                              local update of micro-batch m-lag while the later ones still flow,
-                             lag = the stages after this one: e[m] exists only once m has
+                             lag = max(1, stages after this one): e[m] exists only once m has
                              crossed them, so waiting for it sooner would stall the pipeline
-                             (the last stage, lag 0, updates m at once)
+                             (the last stage forwards m+1 before updating m: see update_lag)
     drain the last updates
 
 ``"targets"`` → :class:`TargetsSchedule` (DRTP): each stage updates right after its own forward.
