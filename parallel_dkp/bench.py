@@ -546,6 +546,8 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
                 row["dkp_unlocking_speedup_streamed_by_round"] = ratios_by_round(alone["dkp"], streamed["dkp"])
                 row["bp_1f1b_speedup_streamed"] = alone["bp"]["median_s"] / streamed["bp@1f1b"]["median_s"]
                 row["dkp_over_bp_1f1b_streamed"] = streamed["dkp"]["median_s"] / streamed["bp@1f1b"]["median_s"]
+                row["dkp_over_fastest_bp_1f1b_streamed"] = streamed["dkp"]["median_s"] / min(
+                    r["median_s"] for name, r in streamed.items() if name.startswith("bp@1f1b"))
             for rule, together in res.get("together", {}).get("rules", {}).items():
                 # N copies of the whole network at once, no messages: what N ranks of this machine can
                 # give any scheme at that time (N on a machine whose ranks do not slow each other)

@@ -75,6 +75,8 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert by4["dkp_unlocking_speedup_streamed"] == pytest.approx(alone["dkp"]["median_s"] / streamed["dkp"])
     assert by4["bp_1f1b_speedup_streamed"] == pytest.approx(alone["bp"]["median_s"] / streamed["bp@1f1b"])
     assert by4["dkp_over_bp_1f1b_streamed"] == pytest.approx(streamed["dkp"] / streamed["bp@1f1b"])
+    assert by4["dkp_over_fastest_bp_1f1b_streamed"] == pytest.approx(
+        streamed["dkp"] / min(streamed["bp@1f1b"], streamed["bp@1f1b:nchw"]))
     # per rank: phases, idle fraction, memory
     for phases in pipe["phases_per_rank"]["dkp"]:
         assert {"forward", "update", "wait", "send", "idle_fraction"} <= set(phases)
