@@ -65,26 +65,30 @@ class DirectRule(LearningRule):
         return error_BK
 
     def local_update(self, hidden: Hidden, signal_BK: torch.Tensor) -> None:
-        """Each hidden block backpropagates ``signal_BK · B_j`` inside itself; DKP also
-        accumulates ``∇B_j = signal^T a_j``."""
-        for block, output in hidden:
+        """Each hidden block backpropagates ``signal_BK · B_j`` inside itself (the stage's blocks
+        in one call of the autograd engine: their inputs are cut, so their graphs are apart);
+        DKP also accumulates ``∇B_j = signal^T a_j``."""
+        if not hidden:
+            return
+        orders = [_storage_order(output) for _, output in hidden]
+        with torch.no_grad():
+            # B's columns follow the logical (C, H, W) order of a_j; with channels-last
+            # activations both products run in storage order, so that neither the K x D
+            # signal nor a_j is copied into another layout (only B, K x D, is permuted).
+            grads = [order.unflatten(signal_BK @ order.columns(block.feedback.weight))
+                     for (block, _), order in zip(hidden, orders)]
+        torch.autograd.backward([output for _, output in hidden], grads)
+        if not self.learns_feedback:
+            return
+        for (block, output), order in zip(hidden, orders):
             feedback_KD = block.feedback.weight
-            stored = _storage_order(output)
             with torch.no_grad():
-                # B's columns follow the logical (C, H, W) order of a_j; with channels-last
-                # activations both products run in storage order, so that neither the K x D
-                # signal nor a_j is copied into another layout (only B, K x D, is permuted).
-                feedback_KS = stored.columns(feedback_KD)
-                grad = stored.unflatten(signal_BK @ feedback_KS)
-            output.backward(grad)
-            if self.learns_feedback:
-                with torch.no_grad():
-                    outputs_BS = stored.flatten(output.detach())
-                    if feedback_KD.grad is not None and stored.logical:
-                        feedback_KD.grad.addmm_(signal_BK.T, outputs_BS)  # in place, no K x D temporary
-                    else:
-                        grad_KD = stored.to_logical(signal_BK.T @ outputs_BS).contiguous()
-                        feedback_KD.grad = grad_KD if feedback_KD.grad is None else feedback_KD.grad.add_(grad_KD)
+                outputs_BS = order.flatten(output.detach())
+                if feedback_KD.grad is not None and order.logical:
+                    feedback_KD.grad.addmm_(signal_BK.T, outputs_BS)  # in place, no K x D temporary
+                else:
+                    grad_KD = order.to_logical(signal_BK.T @ outputs_BS).contiguous()
+                    feedback_KD.grad = grad_KD if feedback_KD.grad is None else feedback_KD.grad.add_(grad_KD)
 
 
 class _Logical:
