@@ -211,34 +211,29 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
     per_rank = ctx.all_gather_object({"samples": samples, "peak": peak, "together": together_samples,
                                       "streamed": streamed,
                                       "phases": {n: j.timer.summary(skip=warmup) for n, j in jobs.items()}})
-    slowest = {name: [max(r["samples"][name][i] for r in per_rank) for i in range(steps)] for name in jobs}
-    base = statistics.median(slowest[variants[0].name])
+
+    def slowest(part: str) -> dict[str, list[float]]:  # each step's slowest rank, per variant
+        return {name: [max(r[part][name][i] for r in per_rank) for i in range(steps)] for name in per_rank[0][part]}
+
+    base = statistics.median(slowest("samples")[variants[0].name])
     cfg = first.cfg
     result = {
         "model": cfg.model.name, "data": cfg.data.name, "batch_size": cfg.data.batch_size,
         "microbatches": cfg.parallel.microbatches, "world_size": ctx.world_size,
         "partition": [[r.start, r.stop] for r in first.partition], "steps": steps, "warmup": warmup,
         "rules": {name: {"median_s": statistics.median(s), f"ratio_to_{variants[0].name}": statistics.median(s) / base,
-                         "samples_s": s} for name, s in slowest.items()},
+                         "samples_s": s} for name, s in slowest("samples").items()},
         "phases_per_rank": {name: [r["phases"][name] for r in per_rank] for name in jobs},
         "peak_memory_mb_per_rank": {name: [r["peak"][name] for r in per_rank] for name in jobs} if cuda else None,
         "configs": {name: to_dict(job.cfg) for name, job in jobs.items()},
     }
     if streamed:  # a period is over when the slowest rank's is
-        result["streamed"] = {"rules": {
-            name: {"median_s": statistics.median(s), "samples_s": s}
-            for name, s in ((n, [max(r["streamed"][n][i] for r in per_rank) for i in range(steps)]) for n in jobs)}}
+        result["streamed"] = {"rules": _step_rows(slowest("streamed"))}
     if alone:
         phases = {n: j.timer.summary(skip=warmup) for n, j in alone_jobs.items()}
         gathered = ctx.broadcast_object((alone_samples, phases) if ctx.rank == 0 else None, src=0)
-        result["alone"] = {
-            "rules": {name: {"median_s": statistics.median(s), "samples_s": s} for name, s in gathered[0].items()},
-            "phases": gathered[1],
-        }
-        together = {name: [max(r["together"][name][i] for r in per_rank) for i in range(steps)]
-                    for name in together_jobs}
-        result["together"] = {"rules": {name: {"median_s": statistics.median(s), "samples_s": s}
-                                        for name, s in together.items()}}
+        result["alone"] = {"rules": _step_rows(gathered[0]), "phases": gathered[1]}
+        result["together"] = {"rules": _step_rows(slowest("together"))}
     if block_costs and not ctx.distributed:
         from parallel_dkp.parallel.costs import measure_block_phases
 
@@ -249,6 +244,11 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
         ).as_dict()
     del jobs, first, alone_jobs, together_jobs
     return result
+
+
+def _step_rows(samples: dict[str, list[float]]) -> dict[str, dict]:
+    """Each variant's step times and their median."""
+    return {name: {"median_s": statistics.median(s), "samples_s": s} for name, s in samples.items()}
 
 
 def measure_link(ctx: DistContext, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 << 20, 1 << 22),
