@@ -12,7 +12,8 @@ Two modes, one measurement core (:func:`measure_world`):
 
   - one device (one process, all cores, M = 1): bp, dfa, dkp;
   - for each M: one rank at the per-rank thread budget (dkp, dfa, bp, and every block's
-    phases for the cost model), one rank using all the cores (dkp: so that nobody mistakes a
+    phases for the cost model; bp also through torch's engine on one stage, GPipe and 1F1B,
+    which gives the cost model the engine's own host time), one rank using all the cores (dkp: so that nobody mistakes a
     thread-starved baseline for a speed-up), and each N > 1 ranks: dkp and dfa through our
     runtime, bp through torch.distributed.pipelining GPipe and 1F1B, all on one partition, and
     between them dkp and bp on rank 0 alone (the unlocking speed-up's one-rank baseline, taken at
@@ -86,8 +87,9 @@ class Variant:
 
     @property
     def overrides(self) -> tuple[str, ...]:
-        return ((f"rule.name={self.rule}",) + ((f"parallel.schedule={self.schedule}",) if self.schedule else ())
-                + (("run.channels_last=false",) if self.layout else ()))
+        # a named schedule runs through torch's engine on any number of stages, one included
+        engine = (f"parallel.schedule={self.schedule}", "parallel.engine_on_one_stage=true") if self.schedule else ()
+        return (f"rule.name={self.rule}",) + engine + (("run.channels_last=false",) if self.layout else ())
 
     def method(self, default_schedule: str) -> costmodel.Method:
         signal = RULES[self.rule].signal
@@ -368,7 +370,7 @@ def unlocking_worlds(ranks: list[int], microbatches: list[int], *, threads: int,
     torch_bp = ("bp@gpipe", "bp@1f1b", *(("bp@1f1b:nchw",) if channels_last else ()))
     worlds = [
         WorldSpec("single_device", 1, all_cores, ("bp", "dfa", "dkp"), tuple(dict.fromkeys([1, *microbatches]))),
-        WorldSpec("per_rank", 1, threads, ("dkp", "dfa", "bp"), tuple(microbatches)),
+        WorldSpec("per_rank", 1, threads, ("dkp", "dfa", "bp", "bp@gpipe", "bp@1f1b"), tuple(microbatches)),
     ]
     worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", *torch_bp), tuple(microbatches),
                          alone=("dkp", "bp")) for n in ranks if n > 1]
@@ -644,6 +646,21 @@ def _level(levels: dict[str, float], rule: str) -> float:
     return statistics.mean(alike) if alike else 1.0
 
 
+def engine_overheads(one_rank_res: dict, microbatches: int) -> dict[str, float]:
+    """Per torch schedule (``gpipe``, ``1f1b``), the host seconds its engine adds per micro-batch
+    and stage: in the one-rank world, where bp ran both through the engine on one stage and
+    through the plain loop, interleaved step by step, the median of the steps' differences over
+    M (at least 0). Empty where bp did not run through the engine there."""
+    rows = one_rank_res["rules"]
+    out = {}
+    for name, row in rows.items():
+        variant = Variant.parse(name)
+        if variant.rule == "bp" and variant.schedule and not variant.layout and "bp" in rows:
+            extra = [e - s for e, s in zip(row["samples_s"], rows["bp"]["samples_s"])]
+            out[variant.schedule] = max(0.0, statistics.median(extra) / microbatches)
+    return out
+
+
 _OVERHEAD_RULE = {"direct": "dkp", "gpipe": "bp", "1f1b": "bp"}
 """Whose measured per-step overhead the predictions to 64 ranks take, by method."""
 
@@ -651,14 +668,15 @@ _OVERHEAD_RULE = {"direct": "dkp", "gpipe": "bp", "1f1b": "bp"}
 def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microbatches: list[int],
                         meshes: dict | None = None) -> dict:
     """Predict every measured per-rank-thread configuration (stages x replicas ones included)
-    from the block costs and the link; the relative errors, and the predictions for N = 1 ... 64
-    (as far as the blocks go)."""
+    from the block costs, the link and torch's engine overhead; the relative errors, and the
+    predictions for N = 1 ... 64 (as far as the blocks go). bp through torch's engine on one rank
+    calibrates that overhead (:func:`engine_overheads`), so it is not among the validated rows."""
     per_rank = by_role["per_rank", 1]
     link_world = next((by_role["pipeline", n] for n in ranks if n > 1), None)
     link = costmodel.Link(**{k: link_world["link"][k] for k in ("latency_s", "bandwidth_Bps", "host_copies")
                              if k in link_world["link"]}) if link_world and "link" in link_world else costmodel.Link()
     rows = []
-    costs_by_m, isolated_by_m, factors_by_m, overhead_by_m = {}, {}, {}, {}
+    costs_by_m, isolated_by_m, factors_by_m, overhead_by_m, engine_by_m = {}, {}, {}, {}, {}
     for m in microbatches:
         one = per_rank["by_microbatches"][str(m)]
         isolated = costmodel.BlockCosts.from_dict(one["block_costs"])
@@ -666,6 +684,7 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
         factors_by_m[m] = {rule: in_step_factors(isolated, phases, m, direct=rule)
                            for rule in ("dkp", "dfa") if rule in phases}
         overhead_by_m[m] = step_overheads(phases)
+        engine_by_m[m] = engine_overheads(one, m)
         by_rule = {rule: isolated.scaled(f) for rule, f in factors_by_m[m].items()}
         costs = by_rule["dkp"]  # bp's rows and the predictions to 64 ranks
         costs_by_m[m], isolated_by_m[m] = costs, isolated
@@ -682,16 +701,19 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
                     variant = Variant.parse(name)
                     if variant.layout:  # the block costs were measured in the run's layout only
                         continue
+                    if variant.schedule and n * replicas == 1:  # the engine's calibration itself
+                        continue
                     method = variant.method(default_schedule="gpipe")
                     level = _level(levels, variant.rule)
                     calibrated = by_rule.get(variant.rule, costs).scaled(dict.fromkeys(costmodel.TIMED_PHASES, level))
                     overhead = level * overhead_by_m[m].get(variant.rule, 0.0)
+                    engine = level * engine_by_m[m].get(method, 0.0)
                     predicted, from_isolated = (
-                        costmodel.simulate(costmodel.stage_costs(c, partition, method), microbatches=m, method=method,
-                                           link=lk, error_bytes=c.error_bytes, replicas=replicas, step_overhead=o,
-                                           streamed=streamed)
-                        for c, lk, o in ((calibrated, link, overhead),
-                                         (isolated, replace(link, host_copies=False), 0.0)))
+                        costmodel.simulate(costmodel.stage_costs(c, partition, method, e), microbatches=m,
+                                           method=method, link=lk, error_bytes=c.error_bytes, replicas=replicas,
+                                           step_overhead=o, streamed=streamed)
+                        for c, lk, o, e in ((calibrated, link, overhead, engine),
+                                            (isolated, replace(link, host_copies=False), 0.0, 0.0)))
                     measured = row["median_s"]
                     rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
                                  "streamed": streamed, "measured_s": measured, "predicted_s": predicted,
@@ -703,7 +725,8 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
     for m, costs in costs_by_m.items():
         predictions[str(m)] = {method: {str(n): costmodel.predict(
             costs, ranks=n, microbatches=m, method=method, link=link,
-            step_overhead=overhead_by_m[m].get(_OVERHEAD_RULE[method], 0.0))
+            step_overhead=overhead_by_m[m].get(_OVERHEAD_RULE[method], 0.0),
+            engine_overhead=engine_by_m[m].get(method, 0.0))
                                         for n in range(1, min(64, num_blocks) + 1)}
                                for method in ("direct", "gpipe", "1f1b")}
     ideal = {}
@@ -718,6 +741,7 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
         "block_costs": {str(m): c.as_dict() for m, c in isolated_by_m.items()},
         "in_step_factors": {str(m): f for m, f in factors_by_m.items()},
         "step_overhead_s": {str(m): o for m, o in overhead_by_m.items()},
+        "engine_overhead_s": {str(m): e for m, e in engine_by_m.items()},
         "validation": rows,
         "validation_error": max(r["relative_error"] for r in rows),
         "validation_error_from_isolated": max(r["relative_error_from_isolated"] for r in rows),
@@ -752,6 +776,10 @@ def print_unlocking(result: dict, console: Console) -> None:
                   f"{cm['link']['bandwidth_Bps'] / 1e9:.2f} GB/s; largest relative error against the "
                   f"{len(cm['validation'])} measured configurations: {cm['validation_error']:.3f} with block costs "
                   f"at their in-step level, {cm['validation_error_from_isolated']:.3f} with the isolated ones")
+    for m, engine in cm.get("engine_overhead_s", {}).items():
+        if engine:
+            console.print(f"torch's engine at M={m}: " + ", ".join(
+                f"{name} +{s * 1e3:.2f} ms" for name, s in engine.items()) + " per micro-batch and stage (host time)")
 
 
 def _ratio_text(value: float | list[float]) -> str:

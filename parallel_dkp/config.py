@@ -244,6 +244,10 @@ class ParallelConfig:
     """Size of the buckets in which a stage's gradients are averaged over its replicas."""
     schedule: str = "gpipe"
     """Backward pipeline for serial rules (bp, bp_fc_only, fa, kp): gpipe or 1f1b."""
+    engine_on_one_stage: bool = False
+    """Run the serial rules through torch.distributed.pipelining's ``schedule`` even when the
+    pipeline has one stage (otherwise a plain loop over the micro-batches): ``bench`` measures the
+    engine's own cost this way. Outside torchrun the process makes a group of itself for it."""
     timeout_s: float = 300.0
     """Timeout of every collective; a dead peer fails the run within this time."""
     backend: str = "auto"

@@ -110,6 +110,7 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
         stage, transport, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
         microbatches=cfg.parallel.microbatches, batch_size=batch,
         pipeline_schedule=cfg.parallel.schedule, channels_last=cfg.run.channels_last,
+        engine_on_one_stage=cfg.parallel.engine_on_one_stage,
         timer=make_timer(ctx.device, cfg.run.profile if profile is None else profile),
     )
     optimizers = Optimizers(forward=stage.forward_parameters(), feedback=stage.feedback_parameters(), cfg=cfg.optim)

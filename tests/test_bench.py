@@ -88,8 +88,14 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert set(cm["block_costs"]) == {"2", "4"} and len(cm["block_costs"]["4"]["forward"]) == 4
     assert cm["link"]["latency_s"] >= 0 and cm["link"]["bandwidth_Bps"] > 0
     assert cm["link"]["host_copies"] is True  # gloo on CPUs: the ranks' cores copy every message
-    assert set(cm["step_overhead_s"]["4"]) == {"dkp", "dfa", "bp"}
+    assert set(cm["step_overhead_s"]["4"]) >= {"dkp", "dfa", "bp"}
     assert all(v >= 0 for v in cm["step_overhead_s"]["4"].values())
+    # torch's engine on one stage beside the plain loop: its own host time per micro-batch
+    assert one["configs"]["bp@gpipe"]["parallel"]["engine_on_one_stage"] is True
+    assert one["configs"]["bp"]["parallel"]["engine_on_one_stage"] is False
+    for schedule in ("gpipe", "1f1b"):
+        (engine,), (plain,) = one["rules"][f"bp@{schedule}"]["samples_s"], one["rules"]["bp"]["samples_s"]
+        assert cm["engine_overhead_s"]["4"][schedule] == pytest.approx(max(0.0, (engine - plain) / 4))
     # stages x replicas: 1 x 2 always runs (2 cores); 2 x 2 where the machine has 4 cores
     measured = {k for k in r["mesh"]}
     assert "1x2" in measured and ("2x2" in measured) == ("mesh:2stages-2replicas-1threads" not in r["skipped_worlds"])
@@ -100,9 +106,11 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert dp["dkp"]["examples_per_s"] == pytest.approx(32 / dp["dkp"]["step_s"])
     mesh_rows = [row for row in cm["validation"] if row["replicas"] == 2]
     assert {(row["ranks"], row["variant"]) for row in mesh_rows} >= {(1, "dkp"), (1, "bp")}
-    # per M: 3 variants on 1 rank, 4 on 2 ranks, 2 on every stages x replicas world; those of
-    # several ranks twice, their steps starting together and back to back
+    # per M: 3 variants on 1 rank (not bp through the engine there: the calibration), 4 on 2
+    # ranks, 2 on every stages x replicas world; those of several ranks twice, their steps
+    # starting together and back to back
     assert len(cm["validation"]) == 2 * (3 + 2 * 4 + 2 * 2 * len(measured))
+    assert not any("@" in row["variant"] for row in cm["validation"] if row["ranks"] * row["replicas"] == 1)
     streamed_rows = {(row["ranks"], row["replicas"], row["microbatches"], row["variant"]): row
                      for row in cm["validation"] if row["streamed"]}
     assert streamed_rows[2, 1, 4, "dkp"]["measured_s"] == pytest.approx(streamed["dkp"])
@@ -196,7 +204,8 @@ def test_unlocking_benchmark_refuses_more_ranks_than_blocks(tmp_path):
 
 
 def test_variants_name_a_rule_and_a_pipeline_schedule():
-    assert Variant.parse("bp@1f1b").overrides == ("rule.name=bp", "parallel.schedule=1f1b")
+    assert Variant.parse("bp@1f1b").overrides == ("rule.name=bp", "parallel.schedule=1f1b",
+                                                  "parallel.engine_on_one_stage=true")
     nchw = Variant.parse("bp@1f1b:nchw")
     assert nchw.name == "bp@1f1b:nchw" and nchw.overrides[-1] == "run.channels_last=false"
     assert nchw.method("gpipe") == "1f1b" and Variant.parse("dkp:nchw").name == "dkp:nchw"

@@ -219,3 +219,21 @@ def test_torch_engine_stages_pay_a_relayout_on_both_sides_of_each_boundary():
     assert predict(costs, ranks=n, microbatches=m, method="gpipe") == pytest.approx(expected)
     assert costs.scaled({"relayout": 2.0}).relayout == [2 * r, 2 * r, 2 * r, 0.0]
     assert list(BlockCosts([1], [1], [1], [0], [0], [0]).relayout) == [0.0]  # not measured: none
+
+
+def test_torch_engine_overhead_is_paid_per_micro_batch_by_every_stage_whatever_its_blocks():
+    """Pinpoints the engine's host time charged once per step, scaled with a stage's blocks, or
+    charged to our direct schedule: o per micro-batch and stage, half with each forward and half
+    with each backward, so GPipe's closed form becomes (M+N-1)(F+B+o)."""
+    o = 0.5
+    costs = BlockCosts([1] * 4, [2] * 4, [1.5] * 4, [0] * 4, [0] * 4, [8, 8, 8, 0])
+    for partition in ([range(2), range(2, 4)], [range(1), range(1, 4)]):
+        for stage, plain in zip(stage_costs(costs, partition, "1f1b", o), stage_costs(costs, partition, "1f1b")):
+            assert (stage.forward, stage.backward) == (plain.forward + o / 2, plain.backward + o / 2)
+    assert stage_costs(costs, [range(4)], "direct", o) == stage_costs(costs, [range(4)], "direct")
+    for n, m in [(1, 4), (2, 4), (4, 8)]:
+        for method in ("gpipe", "1f1b"):
+            got = predict(costs, ranks=n, microbatches=m, method=method, engine_overhead=o)
+            assert got == pytest.approx((m + n - 1) * (3 * 4 / n + o))
+        assert predict(costs, ranks=n, microbatches=m, method="direct", engine_overhead=o) == pytest.approx(
+            predict(costs, ranks=n, microbatches=m, method="direct"))

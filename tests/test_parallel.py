@@ -7,10 +7,11 @@ import re
 
 import pytest
 import torch
+import torch.distributed as dist
 from multirank import spawn
-from workers import die_after_one_step, run_steps, small_config, train_rules
+from workers import die_after_one_step, engine_on_rank_0_alone, run_steps, small_config, train_rules
 
-from parallel_dkp.parallel.distributed import DistContext
+from parallel_dkp.parallel.distributed import DistContext, distributed
 
 RULES = ["bp", "bp_fc_only", "fa", "kp", "dfa", "dkp", "drtp"]
 STEPS = 3
@@ -48,6 +49,26 @@ def test_multirank_matches_single_process(tmp_path, world_size, partition, micro
         assert got_eval[0] == pytest.approx(want["eval"][0], rel=1e-5), rule
         direct_feedback = [k for k in want["state"] if re.fullmatch(r"blocks\.\d+\.feedback\.weight", k)]
         assert bool(direct_feedback) == (rule in ("dfa", "dkp", "drtp")), rule
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_torch_engine_on_one_stage_matches_the_plain_loop(tmp_path, schedule):
+    """Pinpoints ``parallel.engine_on_one_stage`` (how ``bench`` measures torch's engine's own
+    cost) training other math than the plain loop, leaving the world of one it makes behind, or
+    (inside a launched world, rank 0 alone) needing the other ranks to join its group."""
+    want = run_steps(small_config("bp", microbatches=4), DistContext(), STEPS)
+    cfg = small_config("bp", microbatches=4,
+                       extra=[f"parallel.schedule={schedule}", "parallel.engine_on_one_stage=true"])
+    with distributed(cfg.parallel, cfg.run) as ctx:
+        got = run_steps(cfg, ctx, STEPS)
+        assert dist.is_initialized() and dist.get_world_size() == 1  # the engine needs a group: its own
+    assert not dist.is_initialized()
+    spawn(engine_on_rank_0_alone, 2, str(tmp_path), schedule, STEPS, timeout=120)
+    alone = torch.load(tmp_path / "alone.pt")
+    for run in (got, alone):
+        for key, value in want["state"].items():
+            torch.testing.assert_close(run["state"][key], value, msg=lambda m: f"{key}: {m}")  # noqa: B023
+        assert run["eval"] == pytest.approx(want["eval"])
 
 
 @pytest.mark.skipif(torch.__version__ < (2, 5),

@@ -187,3 +187,15 @@ def describe_mesh(rank: int, world_size: int, out_dir: str):
     record["dp_sum"] = total.item()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
+
+
+def engine_on_rank_0_alone(rank: int, world_size: int, out_dir: str, schedule: str, steps: int):
+    """In a launched world, rank 0 alone trains bp through torch's engine on one stage (as
+    ``bench`` measures the one-rank baseline under torchrun) while the others wait."""
+    cfg = small_config("bp", microbatches=4,
+                       extra=[f"parallel.schedule={schedule}", "parallel.engine_on_one_stage=true"])
+    init_distributed(cfg.parallel, cfg.run)
+    if rank == 0:
+        torch.save(run_steps(cfg, DistContext(), steps), Path(out_dir) / "alone.pt")
+    dist.barrier()
+    dist.destroy_process_group()

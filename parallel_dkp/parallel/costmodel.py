@@ -13,6 +13,10 @@ the slowest stage finishes. Inputs are measured (``costs.measure_block_phases`` 
 * ``weight_bytes`` / ``feedback_bytes`` — what its replicas average after a step: the gradients of
   its weights (and its BN statistics), and of its learned feedback matrix (direct rules).
 
+Per stage and micro-batch, torch's pipelining engine (bp's GPipe and 1F1B) also spends host time
+of its own around the blocks' phases (``engine_overhead``, measured by running it on one stage
+beside the plain loop).
+
 Communication follows a rendezvous model (gloo and NCCL both move a message once the receiver
 has posted its receive): a message of ``n`` bytes completes at ``max(send posted, receive
 posted) + latency + n / bandwidth`` and costs the sender and receiver nothing else. Compute on
@@ -148,9 +152,16 @@ class StageCosts:
     """Bytes the stage's replicas average after a step."""
 
 
-def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -> list[StageCosts]:
+def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method,
+                engine_overhead: float = 0.0) -> list[StageCosts]:
+    """Each stage's costs under ``method``. ``engine_overhead``: host seconds torch's pipelining
+    engine spends per micro-batch and stage beyond the blocks' own phases (its Python around each
+    chunk: micro-batch bookkeeping, the autograd call it makes, the loss), measured on one stage
+    against the plain loop (``bench``); half is added to each forward and half to each backward
+    of ``gpipe``/``1f1b`` (it is host time, so every stage pays all of it, however few its blocks)."""
     last = costs.num_blocks - 1
     torch_engine = method in ("gpipe", "1f1b")
+    chunk = engine_overhead / 2 if torch_engine else 0.0
     optim = costs.optim_bp if torch_engine else costs.optim_direct
     stages = []
     for r in partition:
@@ -160,8 +171,8 @@ def stage_costs(costs: BlockCosts, partition: Sequence[range], method: Method) -
         relayout = ((costs.relayout[r.start - 1] if r.start > 0 else 0.0)
                     + (costs.relayout[r.stop - 1] if last not in r else 0.0)) if torch_engine else 0.0
         stages.append(StageCosts(
-            forward=sum(costs.forward[i] for i in r) + relayout,
-            backward=sum(costs.backward[i] for i in r) + relayout,
+            forward=sum(costs.forward[i] for i in r) + relayout + chunk,
+            backward=sum(costs.backward[i] for i in r) + relayout + chunk,
             update_hidden=sum(costs.update[i] for i in hidden),
             update_output=costs.update[last] if last in r else 0.0,
             optim=sum(optim[i] for i in r),
@@ -477,18 +488,19 @@ def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, lin
 
 def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),
             partition: Sequence[range] | None = None, replicas: int = 1, reduce_link: Link | None = None,
-            step_overhead: float = 0.0, streamed: bool = False) -> float:
+            step_overhead: float = 0.0, streamed: bool = False, engine_overhead: float = 0.0) -> float:
     """Predicted step seconds of ``method`` on ``ranks`` stages (of ``replicas`` replicas each,
     every replica on a micro-batch of the size ``costs`` were measured at). Without an explicit
     ``partition`` the stages are balanced on what the method pays per block, as the runtime
-    does: forward + local update for the direct rules, forward + backward for backprop."""
+    does: forward + local update for the direct rules, forward + backward for backprop.
+    ``engine_overhead``: see :func:`stage_costs`."""
     if partition is None:
         second = costs.backward if method in ("gpipe", "1f1b") else costs.update
         weights = [f + b for f, b in zip(costs.forward, second)]
         partition = balanced_partition(weights, world_size=ranks)
-    return simulate(stage_costs(costs, partition, method), microbatches=microbatches, method=method, link=link,
-                    error_bytes=costs.error_bytes, replicas=replicas, reduce_link=reduce_link,
-                    step_overhead=step_overhead, streamed=streamed)
+    return simulate(stage_costs(costs, partition, method, engine_overhead), microbatches=microbatches,
+                    method=method, link=link, error_bytes=costs.error_bytes, replicas=replicas,
+                    reduce_link=reduce_link, step_overhead=step_overhead, streamed=streamed)
 
 
 def ideal_direct_speedup(forward: float, update: float, *, ranks: int, microbatches: int) -> float:

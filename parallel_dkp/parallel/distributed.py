@@ -17,6 +17,9 @@ from parallel_dkp.cpu_memory import keep_freed_memory
 from parallel_dkp.parallel.affinity import bind_ranks
 from parallel_dkp.parallel.mesh import Layout
 
+_world_of_one = False
+"""Whether this process made its own world of one (:meth:`DistContext.group_of_one`)."""
+
 
 @dataclass
 class DistContext:
@@ -124,6 +127,21 @@ class DistContext:
             if self.rank in ranks:
                 mine = group
         return mine
+
+    def group_of_one(self):
+        """A process group of this rank alone, for tools that need a group on one process (torch's
+        pipelining engine on a one-stage pipeline). Outside a launched world this process joins a
+        world of one (an in-process store, no network; left with the run, see :func:`distributed`)
+        and the group is that world (``None``, the default group); inside one, only this rank
+        creates it, the others go on."""
+        global _world_of_one
+        if dist.is_initialized():
+            return None if _world_of_one else dist.new_group([dist.get_rank()], use_local_synchronization=True)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        kwargs = {"device_id": self.device} if backend == "nccl" else {}
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        _world_of_one = True
+        return None
 
     # World-level collectives used outside the training step (setup, reports, benchmarks).
     # On a single process each one is the identity.
@@ -262,8 +280,10 @@ def distributed(parallel: ParallelConfig, run: RunConfig):
 
 
 def _destroy(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
+    global _world_of_one
+    if (ctx.distributed or _world_of_one) and dist.is_initialized():
         dist.destroy_process_group()
+    _world_of_one = False
 
 
 class StopRequest:

@@ -18,7 +18,8 @@ Every schedule has the same small interface (``train_step``, ``eval_step``) and 
 
 ``"chain"`` → :class:`SerialSchedule` on one process (the micro-batches through one chained
 backward), :class:`PipelinedSerialSchedule` across ranks (``torch.distributed.pipelining``,
-GPipe or 1F1B). World size 1 runs the very same code with nothing to send, so a multi-rank
+GPipe or 1F1B; on one process too with ``parallel.engine_on_one_stage``, which ``bench`` uses to
+measure what the engine itself costs). World size 1 runs the very same code with nothing to send, so a multi-rank
 run reproduces the single-process run. With several replicas each runs these schedules on its
 own shard of the batch, inside its own pipeline; averaging the gradients over replicas is the
 caller's (``train.train_step``, :class:`~parallel_dkp.parallel.mesh.ReplicaAverager`).
@@ -138,12 +139,11 @@ class PipelinedSerialSchedule(Schedule):
         pipeline = self._pipeline or self._build()
         metrics = StepMetrics()
         with self.timer.phase("pipeline"):
-            if self.stage.is_first:
-                pipeline.step(x)
-            elif self.stage.is_last:
-                metrics.add(pipeline.step(target=y), y)
+            inputs = (x,) if self.stage.is_first else ()  # a one-stage pipeline is first and last
+            if self.stage.is_last:
+                metrics.add(pipeline.step(*inputs, target=y), y)
             else:
-                pipeline.step()
+                pipeline.step(*inputs)
         self.rule.after_backward(self.stage.blocks)
         return metrics
 
@@ -162,9 +162,11 @@ class PipelinedSerialSchedule(Schedule):
             # move the BN running statistics; newer versions infer it from the first micro-batch
             # (and treat a given output_args as a fully static stage, which breaks the loss stage).
             shapes["output_args"] = (torch.zeros(microbatch, *self._out_shape, device=self.device),)
-        # One pipeline per replica: its P2P runs on that replica's group (the world with one replica).
+        # One pipeline per replica: its P2P runs on that replica's group (the world with one
+        # replica); a one-stage pipeline (``parallel.engine_on_one_stage``) on a group of its own.
+        group = self._ctx.pipeline_group if self._ctx.pipelined else self._ctx.group_of_one()
         stage = PipelineStage(_DefaultLayout(self.stage), self._ctx.stage, self._ctx.stages, self.device,
-                              group=self._ctx.pipeline_group, **shapes)
+                              group=group, **shapes)
         cls = _pipelining_schedule_class(self._name)
         kwargs = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
         self._pipeline = cls(stage, self.microbatches, loss_fn=loss_fn, **kwargs)
@@ -302,15 +304,16 @@ _UNLOCKED: dict[str, type[Schedule]] = {"error": DirectSchedule, "targets": Targ
 def build_schedule(
     stage: Stage, transport: Transport, ctx: DistContext, *, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     num_classes: int, microbatches: int, batch_size: int, pipeline_schedule: str = "gpipe",
-    timer: NoTimer | None = None, channels_last: bool = False,
+    timer: NoTimer | None = None, channels_last: bool = False, engine_on_one_stage: bool = False,
 ) -> Schedule:
-    """The step strategy for ``stage.rule`` on this process (see the module docstring)."""
+    """The step strategy for ``stage.rule`` on this process (see the module docstring);
+    ``engine_on_one_stage``: a chained rule goes through torch's engine on one stage too."""
     common = dict(num_classes=num_classes, microbatches=microbatches, batch_size=batch_size, timer=timer,
                   channels_last=channels_last)
     signal = stage.rule.signal
     if signal in _UNLOCKED:
         return _UNLOCKED[signal](stage, transport, **common)
-    if not ctx.pipelined:
+    if not (ctx.pipelined or engine_on_one_stage):
         return SerialSchedule(stage, transport, **common)
     return PipelinedSerialSchedule(
         stage, transport, ctx=ctx, in_shape=in_shape, out_shape=out_shape, schedule=pipeline_schedule, **common
