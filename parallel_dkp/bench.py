@@ -49,7 +49,7 @@ from rich.table import Table
 from parallel_dkp.config import Config, to_dict
 from parallel_dkp.parallel import costmodel
 from parallel_dkp.parallel.distributed import DistContext
-from parallel_dkp.parallel.timing import PHASES
+from parallel_dkp.parallel.timing import PHASES, make_timer
 from parallel_dkp.rules import RULES
 from parallel_dkp.train import build_job, train_step
 
@@ -171,6 +171,8 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
     alone_samples: dict[str, list[float]] = {name: [] for name in alone_jobs}
     together_samples: dict[str, list[float]] = {name: [] for name in together_jobs}
     streamed: dict[str, list[float]] = {name: [] for name in jobs} if ctx.distributed else {}
+    # the steps back to back are timed phase by phase too, by timers of their own
+    streamed_timers = {name: make_timer(ctx.device, True) for name in streamed}
     peak: dict[str, float] = {name: 0.0 for name in jobs}
     cuda = ctx.device.type == "cuda"
 
@@ -193,12 +195,16 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
                 samples[name].append(elapsed)
                 if cuda:
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(ctx.device) / 2**20)
-            if name in streamed:  # the next step straight on, as training runs (its phases are not kept)
+            if name in streamed:  # the next step straight on, as training runs
+                timer, job.schedule.timer = job.schedule.timer, streamed_timers[name]
                 start = time.perf_counter()
+                job.timer.start_step()
                 train_step(job, x, y)
+                job.timer.end_step()
                 _sync(ctx)
                 if step >= warmup:
                     streamed[name].append(time.perf_counter() - start)
+                job.schedule.timer = timer
         for v in alone:
             ctx.barrier()  # the other ranks wait here, idle, while rank 0 steps alone
             if v.name in alone_jobs:
@@ -210,9 +216,10 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
             if step >= warmup:
                 together_samples[v.name].append(elapsed)
     # A step is over when its slowest rank is (the next one starts with a barrier).
-    per_rank = ctx.all_gather_object({"samples": samples, "peak": peak, "together": together_samples,
-                                      "streamed": streamed,
-                                      "phases": {n: j.timer.summary(skip=warmup) for n, j in jobs.items()}})
+    per_rank = ctx.all_gather_object({
+        "samples": samples, "peak": peak, "together": together_samples, "streamed": streamed,
+        "streamed_phases": {n: t.summary(skip=warmup) for n, t in streamed_timers.items()},
+        "phases": {n: j.timer.summary(skip=warmup) for n, j in jobs.items()}})
 
     def slowest(part: str) -> dict[str, list[float]]:  # each step's slowest rank, per variant
         return {name: [max(r[part][name][i] for r in per_rank) for i in range(steps)] for name in per_rank[0][part]}
@@ -230,7 +237,9 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
         "configs": {name: to_dict(job.cfg) for name, job in jobs.items()},
     }
     if streamed:  # a period is over when the slowest rank's is
-        result["streamed"] = {"rules": _step_rows(slowest("streamed"))}
+        result["streamed"] = {"rules": _step_rows(slowest("streamed")),
+                              "phases_per_rank": {name: [r["streamed_phases"][name] for r in per_rank]
+                                                  for name in streamed}}
     if alone:
         phases = {n: j.timer.summary(skip=warmup) for n, j in alone_jobs.items()}
         gathered = ctx.broadcast_object((alone_samples, phases) if ctx.rank == 0 else None, src=0)
@@ -317,9 +326,12 @@ def print_world(result: dict, console: Console) -> None:
             for rank, p in enumerate(res["phases_per_rank"][name]):
                 phases.add_row(name, str(rank), *(f"{p.get(ph, 0.0) * 1e3:.1f}" for ph in PHASES))
         console.print(phases)
-        for name, row in res.get("streamed", {}).get("rules", {}).items():
+        streamed = res.get("streamed", {})
+        for name, row in streamed.get("rules", {}).items():
+            waits = ", ".join(f"rank {r} waits {p.get('wait', 0.0) * 1e3:.1f}"
+                              for r, p in enumerate(streamed.get("phases_per_rank", {}).get(name, [])))
             console.print(f"M={micro}, {name} with steps back to back (no barrier between them, as in training): "
-                          f"{row['median_s'] * 1e3:.1f} ms per step")
+                          f"{row['median_s'] * 1e3:.1f} ms per step" + (f" ({waits})" if waits else ""))
         n = res["world_size"]
         for name, alone in res.get("alone", {}).get("rules", {}).items():
             together = res["together"]["rules"][name]["median_s"]
@@ -462,8 +474,8 @@ def _merge(merged: dict, key: str, world: dict) -> None:
                 for name, row in (res[part] if part == "rules" else res.get(part, {}).get("rules", {})).items()}
 
     def phases(res: dict) -> list[dict]:  # every rank's phase medians of every variant
-        return ([p for per_rank in res.get("phases_per_rank", {}).values() for p in per_rank]
-                + list(res.get("alone", {}).get("phases", {}).values()))
+        return ([p for part in (res, res.get("streamed", {})) for per_rank in part.get("phases_per_rank", {}).values()
+                 for p in per_rank] + list(res.get("alone", {}).get("phases", {}).values()))
 
     for res in world["by_microbatches"].values():
         for row in rows(res).values():

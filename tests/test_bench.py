@@ -72,6 +72,10 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     streamed = {name: row["median_s"] for name, row in pipe["streamed"]["rules"].items()}
     assert set(streamed) == set(step) and len(pipe["streamed"]["rules"]["dkp"]["samples_s"]) == 1
     assert "streamed" not in one  # one rank: nothing to overlap
+    for name in step:  # their phases per rank, timed inside each rank's part of the streamed step
+        ranks = pipe["streamed"]["phases_per_rank"][name]
+        assert len(ranks) == 2 and all({"forward", "update", "wait", "optim", "step"} <= set(p) for p in ranks)
+        assert max(p["step"] for p in ranks) <= streamed[name]
     assert by4["dkp_unlocking_speedup_streamed"] == pytest.approx(alone["dkp"]["median_s"] / streamed["dkp"])
     assert by4["bp_1f1b_speedup_streamed"] == pytest.approx(alone["bp"]["median_s"] / streamed["bp@1f1b"])
     assert by4["dkp_over_bp_1f1b_streamed"] == pytest.approx(streamed["dkp"] / streamed["bp@1f1b"])
@@ -163,7 +167,8 @@ def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
             "phases_per_rank": {"dkp": [{"forward": t, "update": 2 * t}, {"forward": 0.5 * t}]},
             "alone": {"rules": {"dkp": {"median_s": 2 * t, "samples_s": [2 * t]}}, "phases": {"dkp": {"step": t}}},
             "together": {"rules": {"dkp": {"median_s": 3 * t, "samples_s": [3 * t]}}},
-            "streamed": {"rules": {"dkp": {"median_s": 0.5 * t, "samples_s": [0.5 * t]}}}}}}
+            "streamed": {"rules": {"dkp": {"median_s": 0.5 * t, "samples_s": [0.5 * t]}},
+                         "phases_per_rank": {"dkp": [{"wait": t}, {"wait": 2 * t}]}}}}}
 
     merged: dict = {}
     for t in (1.0, 3.0, 8.0):
@@ -178,6 +183,7 @@ def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
     assert res["alone"]["rules"]["dkp"]["median_s"] == 14.0
     assert res["together"]["rules"]["dkp"]["round_medians_s"] == [3.0, 9.0, 24.0, 27.0, 21.0]
     assert res["streamed"]["rules"]["dkp"]["samples_s"] == [0.5, 1.5, 4.0, 4.5, 3.5]
+    assert res["streamed"]["phases_per_rank"]["dkp"] == [{"wait": 5.6}, {"wait": 11.2}]
     assert ratios_by_round(res["alone"]["rules"]["dkp"], res["rules"]["dkp"]) == [2.0] * 5
 
 
@@ -264,9 +270,11 @@ def test_a_world_prints_its_alone_together_and_streamed_steps():
     res = {"model": "vit", "data": "synthetic", "batch_size": 8, "world_size": 2, "partition": [[0, 3], [3, 6]],
            "steps": 2, "warmup": 1, "rules": rules, "phases_per_rank": phases,
            "alone": {"rules": {"dkp": {"median_s": 0.08}}}, "together": {"rules": {"dkp": {"median_s": 0.1}}},
-           "streamed": {"rules": {"dkp": {"median_s": 0.045}}}}
+           "streamed": {"rules": {"dkp": {"median_s": 0.045}},
+                        "phases_per_rank": {"dkp": [{"wait": 0.0005}, {"wait": 0.004}]}}}
     console = Console(record=True, width=200)
     print_world({"machine": {"device_name": "cpu"}, "threads_per_rank": 1, "by_microbatches": {"4": res}}, console)
     text = console.export_text()
     assert "rank 0 alone 80.0 ms, all 2 ranks at once 100.0 ms (parallel ceiling 1.60 of 2)" in text
-    assert "dkp with steps back to back (no barrier between them, as in training): 45.0 ms per step" in text
+    assert ("dkp with steps back to back (no barrier between them, as in training): 45.0 ms per step "
+            "(rank 0 waits 0.5, rank 1 waits 4.0)") in text
