@@ -10,6 +10,7 @@ from test_parallel import _merge
 from workers import BALANCED_MODELS, run_steps, small_config, train_rules
 
 from parallel_dkp.parallel.distributed import DistContext
+from parallel_dkp.rules.base import Feedback
 from parallel_dkp.rules.direct import _ChannelsLast, _storage_order
 from parallel_dkp.train import build_job
 
@@ -38,18 +39,28 @@ def test_channels_last_reaches_the_direct_update():
 
 
 def test_storage_order_products_equal_the_logical_ones():
-    """Pinpoints a permutation error in ``e·B_j`` or ``eᵀa_j`` on channels-last activations: both
-    must equal the products on the same tensors in the default layout."""
+    """Pinpoints a permutation error in ``e·B_j`` or ``eᵀa_j`` on channels-last activations (both
+    must equal the products on the same tensors in the default layout), or B's kept copy in
+    storage order outliving a change of B."""
     torch.manual_seed(0)
     a = torch.randn(3, 4, 5, 6)
-    e, b = torch.randn(3, 7), torch.randn(7, 4 * 5 * 6)
+    e = torch.randn(3, 7)
+    feedback = Feedback((7, 4 * 5 * 6), learned=True, init="kaiming_uniform", seed=0, device=torch.device("cpu"))
+    b = feedback.weight
     stored = _storage_order(a.contiguous(memory_format=torch.channels_last))
     assert isinstance(stored, _ChannelsLast)
-    grad = stored.unflatten(e @ stored.columns(b))
+    grad = stored.unflatten(e @ stored.columns(feedback))
     assert grad.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(grad, (e @ b).view_as(a))
+    torch.testing.assert_close(grad, (e @ b.detach()).view_as(a))
+    assert stored.columns(feedback) is stored.columns(feedback)  # kept while B is unchanged
+    with torch.no_grad():
+        b.mul_(-2.0)  # what an optimizer step does: in place
+    torch.testing.assert_close(stored.unflatten(e @ stored.columns(feedback)), (e @ b.detach()).view_as(a))
     flat = stored.flatten(a.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(stored.to_logical(e.T @ flat), e.T @ a.flatten(1))
+    total = torch.ones(7, 4 * 5 * 6)
+    stored.add_logical_(total, e.T @ flat)
+    torch.testing.assert_close(total, 1 + e.T @ a.flatten(1))
 
 
 @pytest.mark.multirank

@@ -73,9 +73,10 @@ class DirectRule(LearningRule):
         orders = [_storage_order(output) for _, output in hidden]
         with torch.no_grad():
             # B's columns follow the logical (C, H, W) order of a_j; with channels-last
-            # activations both products run in storage order, so that neither the K x D
-            # signal nor a_j is copied into another layout (only B, K x D, is permuted).
-            grads = [order.unflatten(signal_BK @ order.columns(block.feedback.weight))
+            # activations both products run in storage order, so that neither the B x D
+            # signal nor a_j is copied into another layout (only B, K x D, is permuted, and
+            # that copy is kept until B changes: once a step for DKP, once a run for DFA).
+            grads = [order.unflatten(signal_BK @ order.columns(block.feedback))
                      for (block, _), order in zip(hidden, orders)]
         torch.autograd.backward([output for _, output in hidden], grads)
         if not self.learns_feedback:
@@ -84,11 +85,12 @@ class DirectRule(LearningRule):
             feedback_KD = block.feedback.weight
             with torch.no_grad():
                 outputs_BS = order.flatten(output.detach())
-                if feedback_KD.grad is not None and order.logical:
+                if feedback_KD.grad is None:
+                    feedback_KD.grad = order.to_logical(signal_BK.T @ outputs_BS).contiguous()
+                elif order.logical:
                     feedback_KD.grad.addmm_(signal_BK.T, outputs_BS)  # in place, no K x D temporary
-                else:
-                    grad_KD = order.to_logical(signal_BK.T @ outputs_BS).contiguous()
-                    feedback_KD.grad = grad_KD if feedback_KD.grad is None else feedback_KD.grad.add_(grad_KD)
+                else:  # added through a permuted view: no K x D copy into the logical order
+                    order.add_logical_(feedback_KD.grad, signal_BK.T @ outputs_BS)
 
 
 class _Logical:
@@ -99,8 +101,9 @@ class _Logical:
     def __init__(self, output: torch.Tensor) -> None:
         self.shape = output.shape
 
-    def columns(self, matrix_KD: torch.Tensor) -> torch.Tensor:
-        return matrix_KD
+    def columns(self, feedback: Feedback) -> torch.Tensor:
+        """``B`` with its columns in the storage order of ``a_j``."""
+        return feedback.weight
 
     def flatten(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.flatten(1)
@@ -117,9 +120,17 @@ class _ChannelsLast(_Logical):
 
     logical = False
 
-    def columns(self, matrix_KD: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = self.shape
-        return matrix_KD.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(len(matrix_KD), -1)
+    def columns(self, feedback: Feedback) -> torch.Tensor:
+        """A copy of ``B`` in (H, W, C) column order, made again only when ``B`` has changed
+        (an optimizer step or a load bumps its version; a move gives it new storage)."""
+        weight = feedback.weight
+        key = (weight._version, weight.data_ptr(), self.shape[1:])
+        cached = getattr(feedback, "_storage_columns", None)
+        if cached is None or cached[0] != key:
+            _, c, h, w = self.shape
+            cached = (key, weight.detach().view(-1, c, h, w).permute(0, 2, 3, 1).reshape(len(weight), -1))
+            feedback._storage_columns = cached  # a plain attribute: not state, not moved with the module
+        return cached[1]
 
     def flatten(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.permute(0, 2, 3, 1).reshape(len(tensor), -1)  # a view: the storage order
@@ -131,6 +142,11 @@ class _ChannelsLast(_Logical):
     def to_logical(self, matrix_KS: torch.Tensor) -> torch.Tensor:
         _, c, h, w = self.shape
         return matrix_KS.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(len(matrix_KS), -1)
+
+    def add_logical_(self, logical_KD: torch.Tensor, matrix_KS: torch.Tensor) -> None:
+        """``logical_KD += matrix_KS`` taken back into the logical order, without a copy."""
+        _, c, h, w = self.shape
+        logical_KD.view(-1, c, h, w).add_(matrix_KS.view(-1, h, w, c).permute(0, 3, 1, 2))
 
 
 def _storage_order(output: torch.Tensor) -> _Logical:
