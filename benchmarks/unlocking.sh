@@ -3,7 +3,7 @@
 # against bp on one device and through torch.distributed.pipelining (GPipe, 1F1B), on 1 and 2
 # gloo ranks with one thread each, M = 4 and 8; then the cost model's predictions to 64 ranks.
 #
-#   bash benchmarks/unlocking.sh [OUT_DIR]     # default docs/performance; 17 min on 2 idle cores
+#   bash benchmarks/unlocking.sh [OUT_DIR]     # default docs/performance; 20-22 min on 2 idle cores
 #
 # Needs an otherwise idle machine (check `uptime`): the ranks share its cores. Step times do not
 # depend on pixel values, so every network runs on synthetic 1x28x28 data (Fashion-MNIST's shape).
