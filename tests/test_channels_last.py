@@ -75,3 +75,29 @@ def test_channels_last_across_two_ranks_matches_one_process(tmp_path):
         got, _, _ = _merge(tmp_path, rule, 2)
         for key, value in want["state"].items():
             torch.testing.assert_close(got[key], value, msg=lambda m: f"{rule} / {key}: {m}")
+
+
+def test_torch_engine_stages_lay_out_what_arrives_as_their_blocks_run():
+    """Pinpoints a channels-last stage under torch's engine that feeds its blocks the wire's
+    default layout (slower conv kernels), or sends channels-last tensors (the engine's buffers
+    are sized from default strides): what arrives (input, output gradient) is channels-last,
+    what leaves (output, input gradient) is contiguous."""
+    from parallel_dkp.parallel.schedules import _DefaultLayout
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen["input"] = x.is_contiguous(memory_format=torch.channels_last)
+            out = x * 2.0
+            out.register_hook(lambda g: seen.__setitem__("output_grad", g.is_contiguous(
+                memory_format=torch.channels_last)))
+            return out
+
+    wire = torch.randn(2, 3, 4, 5, requires_grad=True)  # as received: the default layout
+    out = _DefaultLayout(Probe(), channels_last=True)(wire)
+    assert seen["input"] and out.is_contiguous()
+    out.backward(torch.ones(2, 3, 4, 5))  # the gradient as received
+    assert seen["output_grad"] and wire.grad.is_contiguous()
+    torch.testing.assert_close(wire.grad, torch.full((2, 3, 4, 5), 2.0))
+    assert _DefaultLayout(Probe())(wire).is_contiguous() and not seen["input"]  # the default layout throughout

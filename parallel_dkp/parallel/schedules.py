@@ -165,8 +165,8 @@ class PipelinedSerialSchedule(Schedule):
         # One pipeline per replica: its P2P runs on that replica's group (the world with one
         # replica); a one-stage pipeline (``parallel.engine_on_one_stage``) on a group of its own.
         group = self._ctx.pipeline_group if self._ctx.pipelined else self._ctx.group_of_one()
-        stage = PipelineStage(_DefaultLayout(self.stage), self._ctx.stage, self._ctx.stages, self.device,
-                              group=group, **shapes)
+        stage = PipelineStage(_DefaultLayout(self.stage, self.channels_last), self._ctx.stage, self._ctx.stages,
+                              self.device, group=group, **shapes)
         cls = _pipelining_schedule_class(self._name)
         kwargs = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
         self._pipeline = cls(stage, self.microbatches, loss_fn=loss_fn, **kwargs)
@@ -174,30 +174,43 @@ class PipelinedSerialSchedule(Schedule):
 
 
 class _DefaultLayout(torch.nn.Module):
-    """The stage, with what it sends in the default (contiguous) layout: its output, and the
-    gradient of its input (a channels-last conv returns a channels-last input gradient). gloo and
-    NCCL send contiguous tensors only, and torch.distributed.pipelining sizes its receive buffers
-    from the strides of what it inferred, so channels-last tensors (``run.channels_last``) cross
-    ranks in the default layout, as in our own transport."""
+    """The stage, with what crosses ranks in the default (contiguous) layout: its output, and the
+    gradient of its input. gloo and NCCL send contiguous tensors only, and
+    torch.distributed.pipelining sizes its receive buffers from the strides of what it inferred,
+    so channels-last tensors (``run.channels_last``) cross in the default layout. What arrives
+    (the input, the output's gradient) is laid out channels-last again before the stage's blocks
+    see it: a channels-last conv fed a default-layout tensor runs slower kernels on the CPU
+    (2 ranks, convdeep: torch's 1F1B 4-6 % slower than the same engine in the default layout)."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, channels_last: bool = False) -> None:
         super().__init__()
         self.stage = stage
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage(_ContiguousGrad.apply(x)).contiguous()
+        x = _Relayout.apply(x, self.layout, torch.contiguous_format)  # in: ours; its gradient: the wire's
+        return _Relayout.apply(self.stage(x), torch.contiguous_format, self.layout)  # and the other way
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward returns the gradient in the default layout."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+class _Relayout(torch.autograd.Function):
+    """``x`` in ``forward_format``, its gradient in ``backward_format`` (4-D tensors; others as
+    they are, contiguous)."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+    def forward(ctx, x: torch.Tensor, forward_format, backward_format) -> torch.Tensor:
+        ctx.backward_format = backward_format
+        return _in_format(x, forward_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _in_format(grad, ctx.backward_format), None, None
+
+
+def _in_format(tensor: torch.Tensor, memory_format) -> torch.Tensor:
+    if tensor.dim() != 4:
+        memory_format = torch.contiguous_format
+    out = tensor.contiguous(memory_format=memory_format)
+    return out.view_as(out) if out is tensor else out  # a new tensor for autograd, never a copy
 
 
 def _pipelining_schedule_class(name: str):
