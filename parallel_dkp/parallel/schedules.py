@@ -19,8 +19,8 @@ Every schedule has the same small interface (``train_step``, ``eval_step``) and 
 ``"chain"`` → :class:`SerialSchedule` on one process (the micro-batches through one chained
 backward), :class:`PipelinedSerialSchedule` across ranks (``torch.distributed.pipelining``,
 GPipe or 1F1B; on one process too with ``parallel.engine_on_one_stage``, which ``bench`` uses to
-measure what the engine itself costs). World size 1 runs the very same code with nothing to send, so a multi-rank
-run reproduces the single-process run. With several replicas each runs these schedules on its
+measure what the engine itself costs). World size 1 runs the very same code with nothing to
+send, so a multi-rank run reproduces the single-process run. With several replicas each runs these schedules on its
 own shard of the batch, inside its own pipeline; averaging the gradients over replicas is the
 caller's (``train.train_step``, :class:`~parallel_dkp.parallel.mesh.ReplicaAverager`).
 
