@@ -29,6 +29,8 @@
 # found, otherwise on synthetic 1x28x28 data of the same shape (step time does not depend on pixel
 # values; the bench JSON's "data" field says which). OMP_NUM_THREADS is left as it is.
 #
+# Needs the project's dependencies importable (PYTHONPATH is set to this checkout; the lent machines'
+# image had torch, rich and accelerate but not tomli_w on 2026-11-28: carry it as a wheel there).
 # GPU numbers go into docs/ (docs/results.md) with the card's name from $OUT/device.json
 # (device_name, driver) and the torch/CUDA versions next to them; dry-run numbers mean nothing.
 set -uo pipefail
