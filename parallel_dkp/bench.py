@@ -13,12 +13,13 @@ Two modes, one measurement core (:func:`measure_world`):
   - one device (one process, all cores, M = 1): bp, dfa, dkp;
   - for each M: one rank at the per-rank thread budget (dkp, dfa, bp, and every block's
     phases for the cost model; bp also through torch's engine on one stage, GPipe and 1F1B,
-    which gives the cost model the engine's own host time), one rank using all the cores (dkp: so that nobody mistakes a
-    thread-starved baseline for a speed-up), and each N > 1 ranks: dkp and dfa through our
-    runtime, bp through torch.distributed.pipelining GPipe and 1F1B, all on one partition, and
-    between them dkp and bp on rank 0 alone (the unlocking speed-up's one-rank baseline, taken at
-    the same moments; the one-rank world, minutes away, calibrates the cost model) and then on
-    every rank at once, without messages (the machine's parallel ceiling);
+    which gives the cost model the engine's own host time), one rank using all the cores
+    (dkp: so that nobody mistakes a thread-starved baseline for a speed-up), and each N > 1
+    ranks: dkp and dfa through our runtime, bp through torch.distributed.pipelining GPipe and
+    1F1B, all on one partition, and between them dkp and bp on rank 0 alone (the unlocking
+    speed-up's one-rank baseline, taken at the same moments; the one-rank world, minutes away,
+    calibrates the cost model) and then on every rank at once, without messages (the machine's
+    parallel ceiling);
   - with ``--replicas 2``: each N as N stages x 2 data-parallel replicas (dkp and bp), every
     replica on a batch of the configured size (weak scaling: the global batch grows with the
     replicas), where the machine has a core for every rank's threads;
@@ -195,16 +196,12 @@ def _measure(config_for, variants: list[Variant], ctx: DistContext, *, steps: in
                 samples[name].append(elapsed)
                 if cuda:
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(ctx.device) / 2**20)
-            if name in streamed:  # the next step straight on, as training runs
+            if name in streamed:  # the next step straight on, as training runs, on a timer of its own
                 timer, job.schedule.timer = job.schedule.timer, streamed_timers[name]
-                start = time.perf_counter()
-                job.timer.start_step()
-                train_step(job, x, y)
-                job.timer.end_step()
-                _sync(ctx)
-                if step >= warmup:
-                    streamed[name].append(time.perf_counter() - start)
+                elapsed = timed_step(job)  # its leading device sync finds the device idle already
                 job.schedule.timer = timer
+                if step >= warmup:
+                    streamed[name].append(elapsed)
         for v in alone:
             ctx.barrier()  # the other ranks wait here, idle, while rank 0 steps alone
             if v.name in alone_jobs:
