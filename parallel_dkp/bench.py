@@ -58,17 +58,20 @@ from parallel_dkp.train import build_job, train_step
 @dataclass(frozen=True)
 class Variant:
     """A rule, for a chained rule on several ranks the pipeline schedule, and optionally the
-    memory layout against the run's: ``bp@1f1b``, ``bp@1f1b:nchw``."""
+    memory layout against the run's or no messages: ``bp@1f1b``, ``bp@1f1b:nchw``, ``dkp:local``."""
 
     rule: str
     schedule: str = ""
     layout: str = ""
     """``nchw``: 4-D weights and activations in the default layout, whatever ``run.channels_last``
     says (a baseline that runs faster that way is measured that way too)."""
+    messages: bool = True
+    """``False`` (``:local``): the stages exchange nothing (``parallel.messages = false``), a
+    control that times what the stages' compute alone allows."""
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
-        head, _, layout = text.strip().partition(":")
+        head, _, option = text.strip().partition(":")
         rule, _, schedule = head.partition("@")
         if rule not in RULES:
             raise ValueError(f"bench variant {text!r}: {rule!r} is not a rule ({', '.join(RULES)})")
@@ -77,20 +80,24 @@ class Variant:
         if schedule and RULES[rule].signal != "chain":
             raise ValueError(f"bench variant {text!r}: {rule} is backward-unlocked; @{schedule} is for the "
                              "chained rules (bp, bp_fc_only, fa, kp) that run through torch's pipelining")
-        if layout not in ("", "nchw"):
-            raise ValueError(f"bench variant {text!r}: the layout after : must be nchw (the default layout)")
-        return cls(rule, schedule, layout)
+        if option not in ("", "nchw", "local"):
+            raise ValueError(f"bench variant {text!r}: after : comes nchw (the default layout) or local (no messages)")
+        if option == "local" and RULES[rule].signal == "chain":
+            raise ValueError(f"bench variant {text!r}: :local is for the backward-unlocked rules (dfa, dkp, drtp)")
+        return cls(rule, schedule, "nchw" if option == "nchw" else "", option != "local")
 
     @property
     def name(self) -> str:
         name = f"{self.rule}@{self.schedule}" if self.schedule else self.rule
-        return f"{name}:{self.layout}" if self.layout else name
+        option = self.layout or ("" if self.messages else "local")
+        return f"{name}:{option}" if option else name
 
     @property
     def overrides(self) -> tuple[str, ...]:
         # a named schedule runs through torch's engine on any number of stages, one included
         engine = (f"parallel.schedule={self.schedule}", "parallel.engine_on_one_stage=true") if self.schedule else ()
-        return (f"rule.name={self.rule}",) + engine + (("run.channels_last=false",) if self.layout else ())
+        return ((f"rule.name={self.rule}",) + engine + (("run.channels_last=false",) if self.layout else ())
+                + (() if self.messages else ("parallel.messages=false",)))
 
     def method(self, default_schedule: str) -> costmodel.Method:
         signal = RULES[self.rule].signal
@@ -381,7 +388,7 @@ def unlocking_worlds(ranks: list[int], microbatches: list[int], *, threads: int,
         WorldSpec("single_device", 1, all_cores, ("bp", "dfa", "dkp"), tuple(dict.fromkeys([1, *microbatches]))),
         WorldSpec("per_rank", 1, threads, ("dkp", "dfa", "bp", "bp@gpipe", "bp@1f1b"), tuple(microbatches)),
     ]
-    worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", *torch_bp), tuple(microbatches),
+    worlds += [WorldSpec("pipeline", n, threads, ("dkp", "dfa", *torch_bp, "dkp:local"), tuple(microbatches),
                          alone=("dkp", "bp")) for n in ranks if n > 1]
     worlds += [WorldSpec("mesh", n, threads, ("dkp", "bp@1f1b" if n > 1 else "bp"), tuple(microbatches), r)
                for r in replicas if r > 1 for n in ranks]
@@ -559,6 +566,17 @@ def assemble(merged: dict, worlds: list[WorldSpec], *, ranks: list[int], microba
                 row["dkp_over_bp_1f1b_streamed"] = streamed["dkp"]["median_s"] / streamed["bp@1f1b"]["median_s"]
                 row["dkp_over_fastest_bp_1f1b_streamed"] = streamed["dkp"]["median_s"] / min(
                     r["median_s"] for name, r in streamed.items() if name.startswith("bp@1f1b"))
+            together_dkp = res.get("together", {}).get("rules", {}).get("dkp")
+            if "streamed" in res and "dkp:local" in res["streamed"]["rules"] and together_dkp:
+                # The period against the machine's ideal one: N whole networks stepped at once, over
+                # N (every rank busy, no messages, no fill). The stages without messages (each rank
+                # its own stage, inputs there when asked) split the gap: what the partition and the
+                # stages' compute leave, and what the messages add.
+                ideal = together_dkp["median_s"] / n
+                period, local = (res["streamed"]["rules"][k]["median_s"] for k in ("dkp", "dkp:local"))
+                row["dkp_period_over_ideal_streamed"] = period / ideal
+                row["dkp_local_period_over_ideal_streamed"] = local / ideal
+                row["dkp_period_over_local_streamed"] = period / local
             for rule, together in res.get("together", {}).get("rules", {}).items():
                 # N copies of the whole network at once, no messages: what N ranks of this machine can
                 # give any scheme at that time (N on a machine whose ranks do not slow each other)
@@ -720,7 +738,7 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
             for streamed, named in measured_rows:
                 for name, row in named.items():
                     variant = Variant.parse(name)
-                    if variant.layout:  # the block costs were measured in the run's layout only
+                    if variant.layout or not variant.messages:  # block costs: the run's layout; real steps
                         continue
                     if variant.schedule and n * replicas == 1:  # the engine's calibration itself
                         continue

@@ -248,6 +248,11 @@ class ParallelConfig:
     """Run the serial rules through torch.distributed.pipelining's ``schedule`` even when the
     pipeline has one stage (otherwise a plain loop over the micro-batches): ``bench`` measures the
     engine's own cost this way. Outside torchrun the process makes a group of itself for it."""
+    messages: bool = True
+    """``false`` (benchmarks only; it does not train): the direct rules' stages exchange nothing.
+    Each receives fixed activations and output errors of the right shapes the moment it asks, so
+    a step measures what the stages' compute alone allows, without the messages' host costs and
+    the waits for other stages (``parallel_dkp.parallel.transport.LocalTransport``)."""
     timeout_s: float = 300.0
     """Timeout of every collective; a dead peer fails the run within this time."""
     backend: str = "auto"

@@ -36,7 +36,7 @@ from parallel_dkp.parallel.metrics import StepMetrics
 from parallel_dkp.parallel.schedules import Schedule, build_schedule
 from parallel_dkp.parallel.stage import Stage
 from parallel_dkp.parallel.timing import PHASE_LABELS, PHASES, NoTimer, make_timer
-from parallel_dkp.parallel.transport import Transport
+from parallel_dkp.parallel.transport import LocalTransport, Transport
 from parallel_dkp.rules import build_rule
 
 
@@ -93,6 +93,9 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     batch = cfg.data.batch_size // ctx.replicas  # what one replica trains on per step
     microbatch = batch // cfg.parallel.microbatches
     rule = build_rule(cfg.rule)
+    if not cfg.parallel.messages and not rule.backward_unlocked:
+        raise ValueError(f"parallel.messages = false is for the backward-unlocked rules (dfa, dkp, drtp), not "
+                         f"{cfg.rule.name}: torch's pipeline engine needs its gradients; set parallel.messages=true")
     partition = choose_partition(
         cfg.parallel.partition, ctx, blocks=blocks, input_shape=info.input_shape, microbatch=microbatch,
         input_grads=not rule.backward_unlocked,  # direct rules cut every block's input
@@ -104,8 +107,9 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     )
     del blocks  # other ranks' blocks
     in_shape = info.input_shape if own.start == 0 else out_shapes[own.start - 1]
-    transport = Transport(ctx, is_first=stage.is_first, is_last=stage.is_last, in_shape=in_shape,
-                          timeout_s=cfg.parallel.timeout_s, channels_last=cfg.run.channels_last)
+    transport_class = Transport if cfg.parallel.messages else LocalTransport
+    transport = transport_class(ctx, is_first=stage.is_first, is_last=stage.is_last, in_shape=in_shape,
+                                timeout_s=cfg.parallel.timeout_s, channels_last=cfg.run.channels_last)
     schedule = build_schedule(
         stage, transport, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
         microbatches=cfg.parallel.microbatches, batch_size=batch,

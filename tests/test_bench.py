@@ -57,7 +57,9 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     pipe = r["worlds"]["pipeline:2x1"]["by_microbatches"]["4"]
     one = r["worlds"]["per_rank:1x1"]["by_microbatches"]["4"]
     step = {name: row["median_s"] for name, row in pipe["rules"].items()}
-    assert set(step) == {"dkp", "dfa", "bp@gpipe", "bp@1f1b", "bp@1f1b:nchw"}
+    assert set(step) == {"dkp", "dfa", "bp@gpipe", "bp@1f1b", "bp@1f1b:nchw", "dkp:local"}
+    assert pipe["configs"]["dkp:local"]["parallel"]["messages"] is False
+    assert pipe["configs"]["dkp"]["parallel"]["messages"] is True
     by4 = r["ratios_by_microbatches"]["4"]
     assert by4["dkp_over_bp_1f1b"] == pytest.approx(step["dkp"] / step["bp@1f1b"])
     # channels-last run: torch's 1F1B also in the default layout, and dkp against the faster of the two
@@ -90,6 +92,11 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert by4["dkp_over_bp_1f1b_streamed"] == pytest.approx(streamed["dkp"] / streamed["bp@1f1b"])
     assert by4["dkp_over_fastest_bp_1f1b_streamed"] == pytest.approx(
         streamed["dkp"] / min(streamed["bp@1f1b"], streamed["bp@1f1b:nchw"]))
+    # the period against the machine's ideal (2 whole networks at once, over 2), with and without messages
+    ideal = together["dkp"]["median_s"] / 2
+    assert by4["dkp_period_over_ideal_streamed"] == pytest.approx(streamed["dkp"] / ideal)
+    assert by4["dkp_local_period_over_ideal_streamed"] == pytest.approx(streamed["dkp:local"] / ideal)
+    assert by4["dkp_period_over_local_streamed"] == pytest.approx(streamed["dkp"] / streamed["dkp:local"])
     # per rank: phases, idle fraction, memory
     for phases in pipe["phases_per_rank"]["dkp"]:
         assert {"forward", "update", "wait", "send", "idle_fraction"} <= set(phases)
@@ -260,8 +267,11 @@ def test_variants_name_a_rule_and_a_pipeline_schedule():
     assert Variant.parse("dkp").method("gpipe") == "direct"
     assert Variant.parse("drtp").method("gpipe") == "targets"
     assert Variant.parse("kp").method("1f1b") == "1f1b"
+    local = Variant.parse("dkp:local")
+    assert local.name == "dkp:local" and local.overrides == ("rule.name=dkp", "parallel.messages=false")
+    assert not local.messages and Variant.parse("dkp").messages and local.method("gpipe") == "direct"
     for bad, message in [("dkp@1f1b", "backward-unlocked"), ("bp@zero", "gpipe or 1f1b"), ("sgd", "not a rule"),
-                         ("bp@1f1b:nhwc", "must be nchw")]:
+                         ("bp@1f1b:nhwc", "nchw .* or local"), ("bp:local", "backward-unlocked")]:
         with pytest.raises(ValueError, match=message):
             Variant.parse(bad)
     assert parse_list("1,2,2,4", "--ranks") == [1, 2, 4]

@@ -235,3 +235,39 @@ def test_bench_applies_each_rules_own_config_section(tmp_path):
     assert configs["dkp"]["optim"]["forward"]["lr"] == 0.01
     assert (configs["dkp"]["optim"]["feedback"]["name"], configs["dkp"]["optim"]["feedback"]["lr"]) == ("adam", 0.003)
     assert configs["bp"]["optim"]["feedback"]["name"] == "sgd"
+
+
+# --------------------------------------------------------------------------- parallel.messages = false
+
+
+def test_a_local_transport_moves_nothing_and_hands_out_fixed_finite_tensors(monkeypatch):
+    """Pinpoints the no-message control sending after all, or feeding a stage garbage (an
+    uninitialised buffer can hold NaNs, which the guard would stop the run for) or tensors whose
+    shape or layout differ from what the real transport delivers."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from parallel_dkp.parallel.transport import LocalTransport
+
+    for name in ("isend", "irecv", "send", "recv", "broadcast"):
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, **k: pytest.fail(f"LocalTransport called dist.{_name}"))
+    ctx = SimpleNamespace(device=torch.device("cpu"), stage=1, pipelined=False, pipeline_rank=lambda stage: stage)
+    middle = LocalTransport(ctx, is_first=False, is_last=False, in_shape=(3, 4, 5), timeout_s=1, channels_last=True)
+    x = middle.recv_activation(2, 0, post_next=True)
+    assert x.shape == (2, 3, 4, 5) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(x).all() and x.abs().sum() > 0
+    assert middle.recv_activation(2, 0) is x and torch.equal(middle.recv_activation(2, 0), x)  # filled once
+    middle.send_activation(torch.ones(2, 6))
+    middle.wait_sends()
+    errors = [torch.full((2, 10), float("nan")) for _ in range(2)]
+    assert all(middle.broadcast_error(e) is None for e in errors)
+    assert torch.isfinite(errors[0]).all() and torch.equal(errors[0], errors[1])
+    last = LocalTransport(ctx, is_first=False, is_last=True, in_shape=(6,), timeout_s=1)
+    e = torch.arange(20.0).view(2, 10)
+    assert last.broadcast_error(e) is None and torch.equal(e, torch.arange(20.0).view(2, 10))  # its own e stays
+
+
+def test_no_messages_is_refused_for_the_chained_rules():
+    with pytest.raises(ValueError, match="parallel.messages = false is for the backward-unlocked rules"):
+        train_module.build_job(_tiny_config("bp", "parallel.messages=false"), DistContext())

@@ -71,6 +71,10 @@ class Transport:
         return self._buffers[(batch, slot)][1]
 
     def _post(self, batch: int, slot: int) -> Handle:
+        return dist.irecv(self._buffer(batch, slot)[0], self.prev_rank)
+
+    def _buffer(self, batch: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Receive buffer ``slot`` for ``batch`` examples: (what the wire fills, what the blocks use)."""
         key = (batch, slot)
         if key not in self._buffers:
             if self._nhwc(len(self.in_shape) + 1):
@@ -80,7 +84,7 @@ class Transport:
             else:
                 wire = torch.empty(batch, *self.in_shape, device=self.device)
                 self._buffers[key] = (wire, wire)
-        return dist.irecv(self._buffers[key][0], self.prev_rank)
+        return self._buffers[key]
 
     def send_activation(self, tensor: torch.Tensor) -> None:
         """Start sending ``tensor`` to the next stage; ``wait_sends`` completes it."""
@@ -124,6 +128,39 @@ class Transport:
         if not self.ctx.pipelined:
             return None
         return dist.broadcast(error_BK, src=self.ctx.last_rank, group=self.error_group, async_op=True)
+
+
+class LocalTransport(Transport):
+    """A transport that moves nothing, for measuring what the compute alone allows
+    (``parallel.messages = false``; benchmarks, never training). A stage receives fixed tensors of
+    the right shapes (drawn once, finite) and sends nothing; a stage before the last takes a
+    fixed output error. Every rank computes its own stage as if every message had arrived the
+    moment it was asked for, so each step's time is the stage's work at the machine's level with
+    the other ranks busy, free of the messages' host costs and of waiting for other stages."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._errors: dict[torch.Size, torch.Tensor] = {}
+
+    def recv_activation(self, batch: int, slot: int = 0, *, post_next: bool = False) -> torch.Tensor:
+        fresh = (batch, slot) not in self._buffers
+        wire, used = self._buffer(batch, slot)
+        if fresh:
+            wire.normal_()
+        return used
+
+    def send_activation(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def send_blocking(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def broadcast_error(self, error_BK: torch.Tensor) -> Handle | None:
+        if self.next_rank is not None:  # not the last stage: a fixed error of e's size
+            if error_BK.shape not in self._errors:
+                self._errors[error_BK.shape] = torch.randn(error_BK.shape, device=self.device) / len(error_BK)
+            error_BK.copy_(self._errors[error_BK.shape])
+        return None
 
 
 def ping_pong(ctx: DistContext, num_bytes: int, *, repeats: int) -> list[float]:
