@@ -652,37 +652,31 @@ def step_overheads(phases_per_rank: dict) -> dict[str, float]:
             for name, p in phases_per_rank.items() if p and p[0].get("step")}
 
 
-def machine_levels(world_res: dict, per_rank_res: dict) -> dict[str, costmodel.Contention]:
+def machine_levels(world_res: dict, per_rank_res: dict) -> dict[str, float]:
     """How fast the machine ran while a world was measured, against the one-rank world the block
-    costs were calibrated in: per rule, its step time stepped beside the world on rank 0 alone
-    while the other ranks waited (``"alone"``) and on every rank at once (``"together"``), each
-    over the one-rank world's (1.2: everything took 20 % longer). A shared or throttled machine
-    drifts between worlds measured minutes apart (``alone``), and busy ranks slow one another
-    (``together``); a prediction of the world runs each op at the level of the ranks busy with it
-    (:class:`costmodel.Contention`). Where only one was stepped, both are it; empty where the
-    world stepped nothing beside its own steps."""
+    costs were calibrated in: per rule stepped beside the world with every rank busy
+    (``"together"``; else rank 0 ``"alone"``), its step time there over the one-rank world's
+    (1.2: everything took 20 % longer). A shared or throttled machine drifts between worlds
+    measured minutes apart, and busy ranks can slow one another; this is what a prediction of the
+    world is scaled by. Empty where the world stepped nothing beside its own steps.
+
+    Every rank busy, even for a pipeline whose stages idle part of the step: a model that ran
+    each op at the level of the ranks busy with it (measured alone and together, linear in
+    between) predicted conv2's 2-rank rows 7-12 % too fast in two runs of three, and the
+    no-message control (``dkp:local``) showed conv2's busy stage computing at the ``together``
+    level while the other idled 70 % of the time (docs/performance.md)."""
     one = per_rank_res["rules"]
-
-    def over_one(part: str) -> dict[str, float]:
-        return {name: row["median_s"] / one[name]["median_s"]
-                for name, row in world_res.get(part, {}).get("rules", {}).items() if name in one}
-
-    alone, together = over_one("alone"), over_one("together")
-    return {name: costmodel.Contention(alone=alone.get(name, together.get(name)),
-                                       together=together.get(name, alone.get(name)))
-            for name in alone | together}
+    beside = world_res.get("together") or world_res.get("alone") or {}
+    return {name: row["median_s"] / one[name]["median_s"]
+            for name, row in beside.get("rules", {}).items() if name in one}
 
 
-def _level(levels: dict[str, costmodel.Contention], rule: str) -> costmodel.Contention:
-    """A rule's machine levels: its own, else the mean of the rules with its kind of signal, else
-    of any (none: level 1)."""
+def _level(levels: dict[str, float], rule: str) -> float:
+    """A rule's machine level: its own, else that of the rules with its kind of signal, else any."""
     if rule in levels:
         return levels[rule]
     alike = [v for r, v in levels.items() if RULES[r].signal == RULES[rule].signal] or list(levels.values())
-    if not alike:
-        return costmodel.Contention()
-    return costmodel.Contention(alone=statistics.mean(c.alone for c in alike),
-                                together=statistics.mean(c.together for c in alike))
+    return statistics.mean(alike) if alike else 1.0
 
 
 def engine_overheads(one_rank_res: dict, microbatches: int) -> dict[str, float]:
@@ -743,24 +737,21 @@ def validate_cost_model(result: dict, by_role: dict, *, ranks: list[int], microb
                     if variant.schedule and n * replicas == 1:  # the engine's calibration itself
                         continue
                     method = variant.method(default_schedule="gpipe")
-                    contention = _level(levels, variant.rule)
-                    calibrated = by_rule.get(variant.rule, costs)
-                    overhead = overhead_by_m[m].get(variant.rule, 0.0)
+                    level = _level(levels, variant.rule)
+                    calibrated = by_rule.get(variant.rule, costs).scaled(dict.fromkeys(costmodel.TIMED_PHASES, level))
+                    overhead = level * overhead_by_m[m].get(variant.rule, 0.0)
                     # bp on one stage runs the plain loop, unless the variant named a schedule
-                    engine = engine_by_m[m].get(method, 0.0) if variant.schedule or n > 1 else 0.0
-                    predicted, at_level_one, from_isolated = (
+                    engine = level * engine_by_m[m].get(method, 0.0) if variant.schedule or n > 1 else 0.0
+                    predicted, from_isolated = (
                         costmodel.simulate(costmodel.stage_costs(c, partition, method, e), microbatches=m,
                                            method=method, link=lk, error_bytes=c.error_bytes, replicas=replicas,
-                                           step_overhead=o, streamed=streamed, contention=busy)
-                        for c, lk, o, e, busy in ((calibrated, link, overhead, engine, contention),
-                                                  (calibrated, link, overhead, engine, None),
-                                                  (isolated, replace(link, host_copies=False), 0.0, 0.0, None)))
+                                           step_overhead=o, streamed=streamed)
+                        for c, lk, o, e in ((calibrated, link, overhead, engine),
+                                            (isolated, replace(link, host_copies=False), 0.0, 0.0)))
                     measured = row["median_s"]
                     rows.append({"ranks": n, "replicas": replicas, "microbatches": m, "variant": name,
                                  "streamed": streamed, "measured_s": measured, "predicted_s": predicted,
-                                 "machine_level": predicted / at_level_one,
-                                 "machine_levels": {"alone": contention.alone, "together": contention.together},
-                                 "relative_error": abs(predicted - measured) / measured,
+                                 "machine_level": level, "relative_error": abs(predicted - measured) / measured,
                                  "predicted_from_isolated_s": from_isolated,
                                  "relative_error_from_isolated": abs(from_isolated - measured) / measured})
     num_blocks = next(iter(costs_by_m.values())).num_blocks

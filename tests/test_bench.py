@@ -146,19 +146,13 @@ def test_unlocking_benchmark_writes_every_field(tmp_path):
     assert factors["dkp"]["forward"] * 4 * sum(costs["forward"]) == pytest.approx(phases["dkp"][0]["forward"])
     assert factors["dkp"]["backward"] * 4 * sum(costs["backward"]) == pytest.approx(phases["bp"][0]["update"])
     assert all(math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0 for row in cm["validation"])
-    # a world is predicted at the machine's speed while it ran, one rank busy and every rank busy,
-    # against the one-rank world; each op at the level of the ranks busy with it
+    # a world is predicted at the machine's speed while it ran, every rank busy, against the one-rank world
     by_row = {(row["ranks"], row["replicas"], row["microbatches"], row["variant"]): row for row in cm["validation"]}
-    levels = {key: row["machine_levels"] for key, row in by_row.items()}
-    for name, rule in (("dkp", "dkp"), ("bp@1f1b", "bp")):
-        assert levels[2, 1, 4, name] == {
-            "alone": pytest.approx(alone[rule]["median_s"] / one["rules"][rule]["median_s"]),
-            "together": pytest.approx(together[rule]["median_s"] / one["rules"][rule]["median_s"])}
-        lo, hi = sorted(levels[2, 1, 4, name].values())
-        assert lo - 1e-6 <= by_row[2, 1, 4, name]["machine_level"] <= hi + 1e-6
+    levels = {key: row["machine_level"] for key, row in by_row.items()}
+    assert levels[2, 1, 4, "dkp"] == pytest.approx(together["dkp"]["median_s"] / one["rules"]["dkp"]["median_s"])
+    assert levels[2, 1, 4, "bp@1f1b"] == pytest.approx(together["bp"]["median_s"] / one["rules"]["bp"]["median_s"])
     assert levels[2, 1, 4, "dfa"] == levels[2, 1, 4, "dkp"]  # not stepped alone: the other direct rule's
-    assert levels[1, 1, 4, "dkp"] == {"alone": 1.0, "together": 1.0}  # the calibration itself
-    assert by_row[1, 1, 4, "dkp"]["machine_level"] == pytest.approx(1.0)
+    assert levels[1, 1, 4, "dkp"] == 1.0  # the one-rank world is the calibration itself
     # torch's engine costs only the rows that ran through it: not the plain loop on one rank
     slower = json.loads(json.dumps(r["worlds"]))
     for schedule in ("gpipe", "1f1b"):
@@ -234,17 +228,14 @@ def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
 
 
 def test_machine_levels_compare_the_ranks_beside_a_world_with_the_one_rank_world():
-    Contention = costmodel.Contention
     world = {"alone": {"rules": {"dkp": {"median_s": 3.0}, "bp": {"median_s": 2.0}}}}
     one = {"rules": {"dkp": {"median_s": 2.0}, "bp": {"median_s": 2.0}, "dfa": {"median_s": 1.0}}}
-    assert machine_levels({**world, "together": {"rules": {"dkp": {"median_s": 4.0}}}}, one) == {
-        "dkp": Contention(alone=1.5, together=2.0), "bp": Contention(alone=1.0, together=1.0)}
-    levels = machine_levels(world, one)  # stepped alone only: both levels are that one
-    assert levels == {"dkp": Contention(1.5, 1.5), "bp": Contention(1.0, 1.0)}
-    assert machine_levels({"together": {"rules": {"bp": {"median_s": 3.0}}}}, one) == {"bp": Contention(1.5, 1.5)}
-    assert _level(levels, "dfa") == Contention(1.5, 1.5) and _level(levels, "kp") == Contention(1.0, 1.0)
-    assert _level(levels, "drtp") == Contention(1.25, 1.25)  # no rule of its kind: the mean
-    assert machine_levels({"rules": {}}, one) == {} and _level({}, "dkp") == Contention(1.0, 1.0)
+    assert machine_levels({**world, "together": {"rules": {"dkp": {"median_s": 4.0}}}}, one) == {"dkp": 2.0}
+    levels = machine_levels(world, one)
+    assert levels == {"dkp": 1.5, "bp": 1.0}
+    assert _level(levels, "dfa") == 1.5 and _level(levels, "kp") == 1.0  # same kind of signal
+    assert _level(levels, "drtp") == 1.25  # no rule of its kind: the mean
+    assert machine_levels({"rules": {}}, one) == {} and _level({}, "dkp") == 1.0
 
 
 def test_unlocking_benchmark_refuses_more_ranks_than_blocks(tmp_path):

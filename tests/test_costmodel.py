@@ -8,7 +8,6 @@ import pytest
 
 from parallel_dkp.parallel.costmodel import (
     BlockCosts,
-    Contention,
     Link,
     StageCosts,
     allreduce_seconds,
@@ -238,43 +237,3 @@ def test_torch_engine_overhead_is_paid_per_micro_batch_by_every_stage_whatever_i
             assert got == pytest.approx((m + n - 1) * (3 * 4 / n + o))
         assert predict(costs, ranks=n, microbatches=m, method="direct", engine_overhead=o) == pytest.approx(
             predict(costs, ranks=n, microbatches=m, method="direct"))
-
-
-def test_contention_runs_each_op_at_the_level_of_the_ranks_busy_with_it():
-    """Pinpoints a shared machine modelled as one fixed slowdown. Two stages, F = B = 1, a rank
-    computing alone at level 1 and beside the other at level 2. GPipe, M = 2, by hand: stage 0's
-    F0 alone [0, 1]; its F1 and stage 1's F0 side by side [1, 3]; stage 1's F1 alone [3, 4] and
-    B0 alone [4, 5]; stage 1's B1 and stage 0's B0 side by side [5, 7]; stage 0's B1 alone [7, 8].
-    The direct schedule with no update (F = 1): F0 alone, F1 beside stage 1's F0, stage 1's F1
-    alone: 1 + 2 + 1."""
-    stages = [StageCosts(forward=1.0, backward=1.0, update_hidden=0.0, update_output=0.0, optim=0.0,
-                         send_bytes=0.0) for _ in range(2)]
-    shared = Contention(alone=1.0, together=2.0)
-    assert simulate(stages, microbatches=2, method="gpipe") == pytest.approx(6.0)
-    assert simulate(stages, microbatches=2, method="gpipe", contention=shared) == pytest.approx(8.0)
-    assert simulate(stages, microbatches=2, method="direct", contention=shared) == pytest.approx(4.0)
-    # no overlap at all (one micro-batch): every op alone
-    assert simulate(stages, microbatches=1, method="1f1b", contention=shared) == pytest.approx(4.0)
-
-
-@pytest.mark.parametrize("method", ["direct", "gpipe", "1f1b"])
-def test_a_uniform_level_scales_every_compute_op(method):
-    """Pinpoints a contention replay that drifts from plain scaling when every level is the same."""
-    stages = balanced(3, send_bytes=40.0)
-    link = Link(latency_s=0.1, bandwidth_Bps=100.0)
-    kw = dict(microbatches=4, method=method, link=link, error_bytes=10.0, step_overhead=0.2)
-    scaled = [StageCosts(1.5 * c.forward, 1.5 * c.backward, 1.5 * c.update_hidden, 1.5 * c.update_output,
-                         1.5 * c.optim, c.send_bytes) for c in stages]
-    assert simulate(stages, **kw, contention=Contention(1.0, 1.0)) == pytest.approx(simulate(stages, **kw))
-    got = simulate(stages, **kw, contention=Contention(1.5, 1.5))
-    assert got == pytest.approx(simulate(scaled, **{**kw, "step_overhead": 0.3}))
-
-
-def test_contention_lies_between_its_levels_and_is_linear_in_the_ranks_busy():
-    assert Contention(1.0, 3.0).level(2, 3) == pytest.approx(2.0)
-    assert Contention(1.0, 3.0).level(1, 3) == 1.0 and Contention(1.0, 3.0).level(3, 3) == 3.0
-    stages = balanced(4)
-    for method in ("direct", "gpipe", "1f1b"):
-        at = {lv: simulate(stages, microbatches=8, method=method, contention=Contention(lv, lv)) for lv in (1.1, 1.4)}
-        mixed = simulate(stages, microbatches=8, method=method, contention=Contention(1.1, 1.4))
-        assert at[1.1] < mixed < at[1.4]

@@ -23,11 +23,6 @@ posted) + latency + n / bandwidth`` and costs the sender and receiver nothing el
 one rank is sequential. With a balanced pipeline and no communication the model reduces to the
 closed forms (tested): GPipe ``(M+N-1)(F+B)``, direct ``M(F+U) + (N-1)F``.
 
-Shared machines: ranks that share cores, memory bandwidth or a host compute more slowly while
-others compute too. With a :class:`Contention` every compute op runs at the machine level of the
-number of ranks busy at the time (measured alone and with every rank busy, linear in between);
-without one, every op takes its measured time.
-
 Stages × replicas: every replica runs the same program on its own shard, so one pipeline is
 replayed and each stage, once its last local update (or backward) is done, spends a ring
 all-reduce of its bytes over its ``R`` replicas, ``2(R-1)·(latency + n/(R·bandwidth))``, before
@@ -37,9 +32,8 @@ others' remaining work; the step ends when the slowest stage has stepped.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 from parallel_dkp.parallel.partition import balanced_partition
 
@@ -68,28 +62,6 @@ class Link:
     def copy_seconds(self, num_bytes: float) -> float:
         """Compute time a message takes from each end (0 unless ``host_copies``)."""
         return num_bytes / self.bandwidth_Bps if self.host_copies else 0.0
-
-
-@dataclass(frozen=True)
-class Contention:
-    """How much longer compute takes while other ranks compute at once: ``alone`` with one rank
-    busy, ``together`` with every rank busy (each a measured step time over the calibration's:
-    1.2 means 20 % longer), linear in the number busy in between. On a shared machine (the ranks'
-    cores, memory bandwidth or host in common) a pipeline whose stages are idle part of the time
-    runs faster than every rank stepping the whole network at once suggests."""
-
-    alone: float = 1.0
-    together: float = 1.0
-
-    def level(self, busy: float, ranks: int) -> float:
-        """The level with ``busy`` of ``ranks`` ranks computing (``busy`` >= 1: the asking one)."""
-        if ranks <= 1:
-            return self.together
-        return self.alone + (self.together - self.alone) * (busy - 1) / (ranks - 1)
-
-    @property
-    def uniform(self) -> bool:
-        return self.alone == self.together
 
 
 TIMED_PHASES = ("forward", "backward", "update", "optim_bp", "optim_direct", "relayout")
@@ -231,15 +203,10 @@ class _Replay:
     sizes: dict = field(default_factory=dict)
     marks: list[list[float]] = field(default_factory=list)
     """Each stage's clock at its ``mark`` ops (the end of each of its steps)."""
-    spans: list[list[tuple[float, float]]] = field(default_factory=list)
-    """Each stage's compute ops' (start, end), in program order."""
-    ends: list[float] = field(default_factory=list)
-    """Each stage's clock when its program is done."""
 
     def run(self) -> list[float]:
         n = len(self.programs)
         self.marks = [[] for _ in range(n)]
-        self.spans = [[] for _ in range(n)]
         clock, pc = [0.0] * n, [0] * n
         posted: dict[tuple, float] = {}  # (role, key) -> time posted
         done: dict[tuple, float] = {}  # key -> time the message completed
@@ -255,7 +222,6 @@ class _Replay:
             if not progressed:
                 stuck = {s: self.programs[s][pc[s]] for s in range(n) if pc[s] < len(self.programs[s])}
                 raise RuntimeError(f"cost model deadlock (a schedule bug): {stuck}")
-        self.ends = clock
         return clock
 
     def _complete(self, key, posted, done) -> float | None:
@@ -268,7 +234,6 @@ class _Replay:
 
     def _try(self, op: _Op, s: int, now: float, posted, done) -> float | None:
         if op.kind == "compute":
-            self.spans[s].append((now, now + op.seconds))
             return now + op.seconds
         if op.kind == "mark":
             self.marks[s].append(now)
@@ -304,54 +269,6 @@ class _Replay:
             start = max(root, posted.get(("leaf", op.key, s), root))
             return max(now, start + self.link.seconds(self.sizes[op.key]))
         raise AssertionError(op.kind)
-
-
-def _contended(replay: _Replay, contention: Contention, replicas: int, *, rounds: int = 200,
-               tolerance: float = 1e-9) -> None:
-    """Replay with every compute op lasting its work (its seconds at level 1) times the level of
-    the ranks busy while it runs. Which ops overlap depends on how long they last, so this
-    iterates to a fixed point: replay, take each op's mean speed over its span from how many
-    stages computed then (every replica of a stage runs the same ops at the same time), set its
-    duration to its work at that speed (damped by half), until no duration moves."""
-    ops = [op for program in replay.programs for op in program if op.kind == "compute"]
-    work = [op.seconds for op in ops]
-    for op, w in zip(ops, work):
-        op.seconds = w * contention.together
-    replay.run()
-    if contention.uniform:
-        return
-    ranks = len(replay.programs) * replicas
-    for _ in range(rounds):
-        speed_until = _speed_integral([span for stage in replay.spans for span in stage],
-                                      lambda busy: 1.0 / contention.level(busy * replicas, ranks))
-        moved = 0.0
-        spans = [span for stage in replay.spans for span in stage]
-        for op, w, (start, end) in zip(ops, work, spans):
-            mean_speed = (speed_until(end) - speed_until(start)) / (end - start)
-            new = (op.seconds + w / mean_speed) / 2
-            moved = max(moved, abs(new - op.seconds) / op.seconds)
-            op.seconds = new
-        replay.run()
-        if moved < tolerance:
-            return
-
-
-def _speed_integral(spans: list[tuple[float, float]], speed: Callable[[int], float]) -> Callable[[float], float]:
-    """``t -> ∫₀ᵗ speed(k(s)) ds`` where ``k(s)`` is how many ``spans`` cover ``s`` (at least 1)."""
-    events = sorted([(a, 1) for a, b in spans if b > a] + [(b, -1) for a, b in spans if b > a])
-    times, totals, rates = [0.0], [0.0], []
-    busy = 0
-    for t, step in events:
-        rates.append(speed(max(busy, 1)))
-        totals.append(totals[-1] + (t - times[-1]) * rates[-1])
-        times.append(t)
-        busy += step
-    rates.append(speed(1))
-
-    def until(t: float) -> float:
-        j = bisect.bisect_right(times, t) - 1
-        return totals[j] + (t - times[j]) * rates[j]
-    return until
 
 
 def update_lag(stage: int, num_stages: int) -> int:
@@ -546,13 +463,11 @@ def _programs(stages: list[StageCosts], M: int, method: Method, sizes: dict, err
 
 def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, link: Link = Link(),
              error_bytes: float = 0.0, replicas: int = 1, reduce_link: Link | None = None,
-             step_overhead: float = 0.0, streamed: bool = False, contention: Contention | None = None) -> float:
+             step_overhead: float = 0.0, streamed: bool = False) -> float:
     """Predicted seconds of one training step (the slowest stage's finish), on every replica
     (each its own pipeline of ``stages``); ``reduce_link`` (default ``link``) carries the
     gradient all-reduce among a stage's ``replicas``; ``step_overhead``: every rank's host work
     per step outside the blocks' phases (zeroing gradients, the divergence guard, Python).
-    ``contention``: compute slows with the number of ranks computing at once (see
-    :class:`Contention`; ``stages`` then hold each phase's seconds with one rank busy at level 1).
 
     ``streamed``: the second of two steps run back to back instead, as ``bench`` measures it
     (each stage's time from the end of its first step to the end of its second; the slowest
@@ -565,32 +480,27 @@ def simulate(stages: list[StageCosts], *, microbatches: int, method: Method, lin
     programs = _programs(list(stages), microbatches, method, sizes, error_bytes, replicas, reduce_link or link,
                          step_overhead, steps=2 if streamed else 1)
     replay = _Replay(programs, link, sizes)
-    if contention is None:
-        replay.run()
-    else:
-        _contended(replay, contention, replicas)
+    ends = replay.run()
     if streamed:
         return max(second - first for first, second in replay.marks)
-    return max(replay.ends)
+    return max(ends)
 
 
 def predict(costs: BlockCosts, *, ranks: int, microbatches: int, method: Method, link: Link = Link(),
             partition: Sequence[range] | None = None, replicas: int = 1, reduce_link: Link | None = None,
-            step_overhead: float = 0.0, streamed: bool = False, engine_overhead: float = 0.0,
-            contention: Contention | None = None) -> float:
+            step_overhead: float = 0.0, streamed: bool = False, engine_overhead: float = 0.0) -> float:
     """Predicted step seconds of ``method`` on ``ranks`` stages (of ``replicas`` replicas each,
     every replica on a micro-batch of the size ``costs`` were measured at). Without an explicit
     ``partition`` the stages are balanced on what the method pays per block, as the runtime
     does: forward + local update for the direct rules, forward + backward for backprop.
-    ``engine_overhead``: see :func:`stage_costs`; ``contention``: see :func:`simulate`."""
+    ``engine_overhead``: see :func:`stage_costs`."""
     if partition is None:
         second = costs.backward if method in ("gpipe", "1f1b") else costs.update
         weights = [f + b for f, b in zip(costs.forward, second)]
         partition = balanced_partition(weights, world_size=ranks)
     return simulate(stage_costs(costs, partition, method, engine_overhead), microbatches=microbatches,
                     method=method, link=link, error_bytes=costs.error_bytes, replicas=replicas,
-                    reduce_link=reduce_link, step_overhead=step_overhead, streamed=streamed,
-                    contention=contention)
+                    reduce_link=reduce_link, step_overhead=step_overhead, streamed=streamed)
 
 
 def ideal_direct_speedup(forward: float, update: float, *, ranks: int, microbatches: int) -> float:
