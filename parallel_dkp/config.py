@@ -248,6 +248,10 @@ class ParallelConfig:
     """Run the serial rules through torch.distributed.pipelining's ``schedule`` even when the
     pipeline has one stage (otherwise a plain loop over the micro-batches): ``bench`` measures the
     engine's own cost this way. Outside torchrun the process makes a group of itself for it."""
+    error_messages: str = "auto"
+    """How the direct rules' last stage sends each micro-batch's output error to the earlier
+    stages: ``broadcast`` (one collective), ``sends`` (a send to each), ``auto`` (broadcast on NCCL,
+    sends on gloo, where a collective costs the ranks' cores more host time per call)."""
     messages: bool = True
     """``false`` (benchmarks only; it does not train): the direct rules' stages exchange nothing.
     Each receives fixed activations and output errors of the right shapes the moment it asks, so
@@ -286,6 +290,7 @@ class Config:
         _one_of("rule.feedback_init", self.rule.feedback_init, ("kaiming_uniform", "kaiming_normal", "like_weight"))
         _one_of("parallel.schedule", self.parallel.schedule, ("gpipe", "1f1b"))
         _one_of("parallel.backend", self.parallel.backend, ("auto", "nccl", "gloo"))
+        _one_of("parallel.error_messages", self.parallel.error_messages, ("auto", "broadcast", "sends"))
         _one_of("run.device", self.run.device, ("auto", "cpu", "cuda"))
         if not self.run.out_dir.strip():  # "" would write config, metrics and checkpoints into the cwd
             raise ValueError(

@@ -109,7 +109,8 @@ def build_job(cfg: Config, ctx: DistContext, *, profile: bool | None = None) -> 
     in_shape = info.input_shape if own.start == 0 else out_shapes[own.start - 1]
     transport_class = Transport if cfg.parallel.messages else LocalTransport
     transport = transport_class(ctx, is_first=stage.is_first, is_last=stage.is_last, in_shape=in_shape,
-                                timeout_s=cfg.parallel.timeout_s, channels_last=cfg.run.channels_last)
+                                timeout_s=cfg.parallel.timeout_s, channels_last=cfg.run.channels_last,
+                                error_messages=cfg.parallel.error_messages)
     schedule = build_schedule(
         stage, transport, ctx, in_shape=in_shape, out_shape=out_shapes[own.stop - 1], num_classes=info.num_classes,
         microbatches=cfg.parallel.microbatches, batch_size=batch,

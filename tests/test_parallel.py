@@ -51,6 +51,20 @@ def test_multirank_matches_single_process(tmp_path, world_size, partition, micro
         assert bool(direct_feedback) == (rule in ("dfa", "dkp", "drtp")), rule
 
 
+@pytest.mark.parametrize("error_messages", ["broadcast", "sends"])
+def test_the_output_error_by_broadcast_or_by_sends_matches_single_process(tmp_path, error_messages):
+    """Pinpoints an error exchange that delivers the wrong micro-batch's error, or none, to a
+    stage: 3 ranks, M = 4, the direct rules with each way of sending it."""
+    rules = ["dfa", "dkp"]
+    spawn(train_rules, 3, str(tmp_path), rules, (1, 1, 2), 4, STEPS, "gpipe",
+          [f"parallel.error_messages={error_messages}"], timeout=300)
+    for rule in rules:
+        want = run_steps(small_config(rule, microbatches=4), DistContext(), STEPS)
+        got_state, _, _ = _merge(tmp_path, rule, 3)
+        for key, value in want["state"].items():
+            torch.testing.assert_close(got_state[key], value, msg=lambda m: f"{rule} / {key}: {m}")
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_torch_engine_on_one_stage_matches_the_plain_loop(tmp_path, schedule):
     """Pinpoints ``parallel.engine_on_one_stage`` (how ``bench`` measures torch's engine's own

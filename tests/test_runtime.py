@@ -252,7 +252,8 @@ def test_a_local_transport_moves_nothing_and_hands_out_fixed_finite_tensors(monk
 
     for name in ("isend", "irecv", "send", "recv", "broadcast"):
         monkeypatch.setattr(dist, name, lambda *a, _name=name, **k: pytest.fail(f"LocalTransport called dist.{_name}"))
-    ctx = SimpleNamespace(device=torch.device("cpu"), stage=1, pipelined=False, pipeline_rank=lambda stage: stage)
+    ctx = SimpleNamespace(device=torch.device("cpu"), backend="gloo", stage=1, pipelined=False,
+                          pipeline_rank=lambda stage: stage)
     middle = LocalTransport(ctx, is_first=False, is_last=False, in_shape=(3, 4, 5), timeout_s=1, channels_last=True)
     x = middle.recv_activation(2, 0, post_next=True)
     assert x.shape == (2, 3, 4, 5) and x.is_contiguous(memory_format=torch.channels_last)

@@ -32,7 +32,7 @@ class Transport:
 
     def __init__(
         self, ctx: DistContext, *, is_first: bool, is_last: bool, in_shape: tuple[int, ...], timeout_s: float,
-        channels_last: bool = False,
+        channels_last: bool = False, error_messages: str = "auto",
     ) -> None:
         self.ctx = ctx
         self.device = ctx.device
@@ -47,6 +47,11 @@ class Transport:
             # Collective: every rank builds its transport at the same point of its program. One
             # group per replica's pipeline, apart from the P2P traffic.
             self.error_group = ctx.group_of(ctx.layout.pipelines(), timeout_s)
+        # The output error (``parallel.error_messages``): one broadcast collective, or a send from
+        # the last stage to each earlier one; auto: sends on gloo, whose collectives each go
+        # through a worker thread of the process group (a wake-up and a hand-off per call, on the
+        # cores the ranks compute on) while a send or receive is posted by the caller itself.
+        self.error_p2p = error_messages == "sends" or (error_messages == "auto" and ctx.backend == "gloo")
         self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (wire, as used)
         self._sends: list[Handle] = []
         self._posted: dict[tuple[int, int], Handle] = {}  # receives posted ahead (post_next)
@@ -127,7 +132,23 @@ class Transport:
         this pipeline."""
         if not self.ctx.pipelined:
             return None
-        return dist.broadcast(error_BK, src=self.ctx.last_rank, group=self.error_group, async_op=True)
+        if not self.error_p2p:
+            return dist.broadcast(error_BK, src=self.ctx.last_rank, group=self.error_group, async_op=True)
+        if self.next_rank is None:  # the last stage: a send to every earlier stage
+            return _AllOf([dist.isend(error_BK, self.ctx.pipeline_rank(s), group=self.error_group)
+                           for s in range(self.ctx.stages - 1)])
+        return dist.irecv(error_BK, self.ctx.last_rank, group=self.error_group)
+
+
+class _AllOf:
+    """One handle for several: waits for each."""
+
+    def __init__(self, works: list[Handle]) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
 class LocalTransport(Transport):
