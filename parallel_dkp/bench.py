@@ -273,14 +273,18 @@ def measure_link(ctx: DistContext, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 <
 
     samples = [ping_pong(ctx, n_bytes, repeats=repeats) for n_bytes in sizes]  # timed on rank 0
     times = ctx.broadcast_object([statistics.median(s) for s in samples] if ctx.rank == 0 else None, src=0)
+    return {**fit_link(sizes, times), "host_copies": ctx.device.type == "cpu",  # gloo on CPUs: the ranks'
+            "sizes_bytes": list(sizes), "one_way_s": times}                     # cores copy every message
+
+
+def fit_link(sizes: Sequence[int], times: Sequence[float]) -> dict[str, float]:
+    """``latency_s`` and ``bandwidth_Bps`` of the least-squares line through (bytes, one-way seconds)."""
     n = len(sizes)
     mean_x, mean_t = sum(sizes) / n, sum(times) / n
     slope = (sum((x - mean_x) * (t - mean_t) for x, t in zip(sizes, times))
              / sum((x - mean_x) ** 2 for x in sizes))
     latency = max(0.0, mean_t - slope * mean_x)
-    return {"latency_s": latency, "bandwidth_Bps": 1.0 / slope if slope > 0 else float("inf"),
-            "host_copies": ctx.device.type == "cpu",  # gloo on CPUs: the ranks' cores copy every message
-            "sizes_bytes": list(sizes), "one_way_s": times}
+    return {"latency_s": latency, "bandwidth_Bps": 1.0 / slope if slope > 0 else float("inf")}
 
 
 def _cpu_count() -> int:
@@ -470,9 +474,11 @@ def _launch(spec: WorldSpec, args, out: Path, *, cost: bool, batch_size: int) ->
 
 
 def _merge(merged: dict, key: str, world: dict) -> None:
-    """Pool a world's samples across rounds (and keep each round's median), and average its
-    phase timers' medians over the rounds (so that the cost model, calibrated from them, sees the
-    same rounds as the pooled step times); the first round's other fields stay."""
+    """Pool a world's samples across rounds (and keep each round's median), average its phase
+    timers' medians over the rounds (so that the cost model, calibrated from them, sees the same
+    rounds as the pooled step times), and fit the link to each size's median one-way time over
+    the rounds (one busy moment of the machine no longer sets it); the first round's other
+    fields stay."""
     def rows(res: dict) -> dict:  # the world's variants, and those stepped alone and together
         return {(part, name): row for part in ("rules", "alone", "together", "streamed")
                 for name, row in (res[part] if part == "rules" else res.get(part, {}).get("rules", {})).items()}
@@ -484,10 +490,17 @@ def _merge(merged: dict, key: str, world: dict) -> None:
     for res in world["by_microbatches"].values():
         for row in rows(res).values():
             row["round_medians_s"] = [row["median_s"]]
+    if "link" in world:
+        world["link"]["one_way_s_by_round"] = [world["link"]["one_way_s"]]
     if key not in merged:
         merged[key] = {**world, "rounds_merged": 1}
         return
     done = merged[key]["rounds_merged"]
+    if "link" in world:
+        link = merged[key]["link"]
+        link["one_way_s_by_round"] += world["link"]["one_way_s_by_round"]
+        link["one_way_s"] = [statistics.median(ts) for ts in zip(*link["one_way_s_by_round"])]
+        link.update(fit_link(link["sizes_bytes"], link["one_way_s"]))
     for m, res in world["by_microbatches"].items():
         mine = rows(merged[key]["by_microbatches"][m])
         for name, row in rows(res).items():

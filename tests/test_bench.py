@@ -19,6 +19,7 @@ from parallel_dkp.bench import (
     Variant,
     _level,
     _merge,
+    fit_link,
     machine_levels,
     parse_list,
     ratios_by_round,
@@ -196,6 +197,28 @@ def test_rounds_pool_their_samples_and_keep_their_own_medians():
     assert rules["dkp"]["samples_s"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert rules["dkp"]["median_s"] == 3.5 and rules["dkp"]["round_medians_s"] == [2.0, 5.0]
     assert ratios_by_round(rules["dkp"], rules["bp"]) == [1.0, 5.0]
+
+
+def test_rounds_fit_the_link_to_each_sizes_median_one_way_time():
+    """Pinpoints a link taken from one round, where one busy moment of the machine sets the cost
+    model's every message. Three rounds of a 1 µs + 1 GB/s link, one of them disturbed."""
+    sizes = [1000, 100_000, 1_000_000]
+    clean = [1e-6 + n / 1e9 for n in sizes]
+    disturbed = [5e-6, 3e-4, 9e-3]  # a fit alone: 0 latency, about 110 MB/s
+
+    def world(times: list[float]) -> dict:
+        return {"by_microbatches": {}, "link": {**fit_link(sizes, times), "host_copies": True,
+                                                "sizes_bytes": sizes, "one_way_s": list(times)}}
+
+    merged: dict = {}
+    for times in (disturbed, clean, [t * 1.01 for t in clean]):
+        _merge(merged, "w", world(times))
+    link = merged["w"]["link"]
+    assert link["one_way_s_by_round"] == [disturbed, clean, [t * 1.01 for t in clean]]
+    assert link["one_way_s"] == pytest.approx([t * 1.01 for t in clean])  # each size's median
+    assert link["latency_s"] == pytest.approx(1.01e-6, rel=1e-3)
+    assert link["bandwidth_Bps"] == pytest.approx(1e9 / 1.01, rel=1e-3)
+    assert fit_link(sizes, clean) == {"latency_s": pytest.approx(1e-6), "bandwidth_Bps": pytest.approx(1e9)}
 
 
 def test_rounds_pool_the_steps_of_rank_0_alone_and_together_too():
