@@ -1,8 +1,9 @@
 """Rank-to-rank transport of the layer-parallel pipeline: the only place that moves tensors.
 
 A stage talks to its two neighbours in its pipeline (activations forward, P2P) and, for the
-direct rules, to the whole pipeline at once (the output error, broadcast from the last stage
-on a process group of its own, so that it never interleaves with the P2P traffic). With
+direct rules, to the whole pipeline at once (the output error, from the last stage to every
+earlier one, by a broadcast or by sends, on a process group of its own, so that it never
+interleaves with the activations' traffic). With
 several replicas each pipeline is a column of the stages × replicas grid and talks only
 within itself. On a single process, or a single stage, every stage is both first and last:
 nothing is sent and ``broadcast_error`` returns no handle.
@@ -128,8 +129,9 @@ class Transport:
     # ---------------------------------------------------------------- the output error
 
     def broadcast_error(self, error_BK: torch.Tensor) -> Handle | None:
-        """Asynchronous broadcast of ``e`` from the last stage into ``error_BK`` on every rank of
-        this pipeline."""
+        """Start moving ``e`` from the last stage into ``error_BK`` on every rank of this
+        pipeline (one broadcast, or the last stage's sends and the others' receives); the handle's
+        ``wait`` completes this rank's part."""
         if not self.ctx.pipelined:
             return None
         if not self.error_p2p:
