@@ -20,9 +20,10 @@ Every schedule has the same small interface (``train_step``, ``eval_step``) and 
 backward), :class:`PipelinedSerialSchedule` across ranks (``torch.distributed.pipelining``,
 GPipe or 1F1B; on one process too with ``parallel.engine_on_one_stage``, which ``bench`` uses to
 measure what the engine itself costs). World size 1 runs the very same code with nothing to
-send, so a multi-rank run reproduces the single-process run. With several replicas each runs these schedules on its
-own shard of the batch, inside its own pipeline; averaging the gradients over replicas is the
-caller's (``train.train_step``, :class:`~parallel_dkp.parallel.mesh.ReplicaAverager`).
+send, so a multi-rank run reproduces the single-process run. With several replicas each runs
+these schedules on its own shard of the batch, inside its own pipeline; averaging the gradients
+over replicas is the caller's (``train.train_step``,
+:class:`~parallel_dkp.parallel.mesh.ReplicaAverager`).
 
 The caller zeroes the gradients before a step and steps the optimizers after it. No schedule
 reads a value back to the host: the returned :class:`StepMetrics` stay on the device.
