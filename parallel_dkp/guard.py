@@ -43,7 +43,13 @@ class NonFiniteGuard:
     def __init__(self, stage: Stage, ctx: DistContext, *, mode: str, timeout_s: float, rule: str) -> None:
         self.stage, self.ctx, self.mode, self.rule = stage, ctx, mode, rule
         self.device = next((p.device for p in stage.parameters()), torch.device("cpu"))
-        self._params = [[p for p in block.parameters() if p.requires_grad] for block in stage.blocks]
+        # Every trainable parameter of the stage and the index of its block: the norms of all the
+        # gradients come from one fused call, and one index_add gathers them per block.
+        owned = [(p, index) for index, block in enumerate(stage.blocks) for p in block.parameters() if p.requires_grad]
+        self._params = [p for p, _ in owned]
+        self._owner = [index for _, index in owned]
+        self._num_blocks = len(stage.blocks)
+        self._present: tuple[bool, ...] | None = None  # which parameters had a gradient last step
         self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if ctx.distributed else None
         self._step = torch.zeros((), dtype=torch.long, device=self.device)  # on the device: no copies
         self._reset()
@@ -51,7 +57,7 @@ class NonFiniteGuard:
         self._consecutive = 0
 
     def _reset(self) -> None:
-        self._bad_blocks = torch.zeros(len(self._params), dtype=torch.bool, device=self.device)
+        self._bad_blocks = torch.zeros(self._num_blocks, dtype=torch.bool, device=self.device)
         self._bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         self._first = torch.full((), -1, dtype=torch.long, device=self.device)
 
@@ -64,8 +70,7 @@ class NonFiniteGuard:
     def observe(self, metrics: StepMetrics) -> None:
         """Flag this step's non-finite gradients and loss. Device work only, no host wait."""
         self._step += 1  # in place, on the device
-        per_block = [self._block_bad(params) for params in self._params]
-        bad_blocks = torch.stack(per_block) if per_block else self._bad_blocks
+        bad_blocks = self._bad_per_block()
         if metrics.loss_sum is not None:
             bad_loss = ~torch.isfinite(metrics.loss_sum)
         else:
@@ -78,12 +83,18 @@ class NonFiniteGuard:
         self._bad_blocks = torch.where(first_now, bad_blocks, self._bad_blocks)
         self._bad_loss = torch.where(first_now, bad_loss, self._bad_loss)
 
-    def _block_bad(self, params: list[torch.Tensor]) -> torch.Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), dtype=torch.bool, device=self.device)
-        norms = torch._foreach_norm(grads)  # one fused kernel per block, as clip_grad_norm_ uses
-        return ~torch.isfinite(torch.stack(norms)).all()
+    def _bad_per_block(self) -> torch.Tensor:
+        """Per block of the stage: whether any of its gradients holds a non-finite value."""
+        present = tuple(p.grad is not None for p in self._params)
+        if present != self._present:  # the owners of the gradients there are, kept on the device
+            self._present = present
+            self._index = torch.tensor([i for i, has in zip(self._owner, present) if has], device=self.device)
+        grads = [p.grad for p, has in zip(self._params, present) if has]
+        bad = torch.zeros(self._num_blocks, device=self.device)
+        if grads:  # one fused call for all of them (as clip_grad_norm_ takes its norms)
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            bad.index_add_(0, self._index, (~torch.isfinite(norms)).float())
+        return bad > 0
 
     def skip_this_step(self) -> bool:
         """``skip_batch`` mode, after ``observe``: whether every rank drops this step's update.

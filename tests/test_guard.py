@@ -66,3 +66,38 @@ def test_skip_batch_drops_the_bad_step_on_every_rank(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_examples"] for r in rows] == [96 - 16, 96]
     assert _finite(tmp_path)
+
+
+def test_the_guard_flags_exactly_the_blocks_whose_gradients_are_not_finite():
+    """Pinpoints the per-block flags going astray when all the norms come from one call: with a
+    block that has no parameters, a parameter without a gradient and a frozen one, a NaN in one
+    block and an inf in another (after the missing gradient) must flag those two blocks and no
+    other, at the step they happen; a later step with another bad block keeps the first's findings."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from parallel_dkp.guard import NonFiniteGuard
+    from parallel_dkp.parallel.distributed import DistContext
+    from parallel_dkp.parallel.metrics import StepMetrics
+
+    blocks = nn.ModuleList([nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)),
+                            nn.Linear(2, 2)])
+    blocks[3].bias.requires_grad_(False)
+    stage = SimpleNamespace(blocks=blocks, parameters=blocks.parameters, indices=[10, 11, 12, 13])
+    guard = NonFiniteGuard(stage, DistContext(), mode="stop", timeout_s=5, rule="dkp")
+    guard.start_at(0)
+
+    def step(bad: dict[tuple[int, int], float]) -> None:
+        for p in blocks.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None
+        blocks[2][1].bias.grad = None  # no gradient this step
+        for (block, which), value in bad.items():
+            list(blocks[block].parameters())[which].grad[0] = value
+        guard.observe(StepMetrics())
+
+    step({})
+    assert guard.report() is None
+    step({(0, 1): float("nan"), (3, 0): float("inf")})  # block 0's bias, block 3's weight
+    step({(2, 2): float("nan")})
+    assert guard.report() == {"rank": 0, "step": 2, "blocks": [10, 13], "loss": False}
