@@ -50,6 +50,7 @@ class NonFiniteGuard:
         self._owner = [index for _, index in owned]
         self._num_blocks = len(stage.blocks)
         self._present: tuple[bool, ...] | None = None  # which parameters had a gradient last step
+        self._index: torch.Tensor | None = None  # their blocks' indices, on the device
         self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if ctx.distributed else None
         self._step = torch.zeros((), dtype=torch.long, device=self.device)  # on the device: no copies
         self._reset()
@@ -86,7 +87,7 @@ class NonFiniteGuard:
     def _bad_per_block(self) -> torch.Tensor:
         """Per block of the stage: whether any of its gradients holds a non-finite value."""
         present = tuple(p.grad is not None for p in self._params)
-        if present != self._present:  # the owners of the gradients there are, kept on the device
+        if present != self._present:
             self._present = present
             self._index = torch.tensor([i for i, has in zip(self._owner, present) if has], device=self.device)
         grads = [p.grad for p, has in zip(self._params, present) if has]
